@@ -1,0 +1,211 @@
+//! Throughput and memory measurements: prefill at several lengths (vanilla and decimated),
+//! decode, and peak resident memory. Used by `decimamba bench`; the same JSON layout is
+//! written by `scripts/bench_hf.py` so the two can be printed side by side.
+
+use crate::decimation::DecimationConfig;
+use crate::model::{ForwardOptions, LogitsSpan, MambaConfig, MambaModel};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+/// A model of `config`'s shape with random weights initialised like mamba_ssm
+/// (Δ bias so that softplus(bias) spans [1e-3, 1e-1], A_log = log(1..=N), D = 1).
+pub fn random_model(
+    config: &MambaConfig,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<MambaModel> {
+    device.set_seed(seed)?;
+    let (d, di, n, r, k, v) = (
+        config.d_model,
+        config.d_inner,
+        config.d_state,
+        config.dt_rank,
+        config.d_conv,
+        config.vocab_size,
+    );
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let randn = |shape: &[usize], std: f64| Tensor::randn(0f32, std as f32, shape, device);
+    t.insert("backbone.embedding.weight".into(), randn(&[v, d], 0.02)?);
+    let a_log = Tensor::arange(1f32, n as f32 + 1.0, device)?
+        .log()?
+        .unsqueeze(0)?
+        .repeat((di, 1))?;
+    for i in 0..config.n_layer {
+        let p = format!("backbone.layers.{i}");
+        t.insert(
+            format!("{p}.norm.weight"),
+            Tensor::ones(d, DType::F32, device)?,
+        );
+        t.insert(
+            format!("{p}.mixer.in_proj.weight"),
+            randn(&[2 * di, d], (d as f64).powf(-0.5))?,
+        );
+        t.insert(
+            format!("{p}.mixer.conv1d.weight"),
+            randn(&[di, 1, k], (k as f64).powf(-0.5))?,
+        );
+        t.insert(format!("{p}.mixer.conv1d.bias"), randn(&[di], 0.1)?);
+        t.insert(
+            format!("{p}.mixer.x_proj.weight"),
+            randn(&[r + 2 * n, di], (di as f64).powf(-0.5))?,
+        );
+        t.insert(
+            format!("{p}.mixer.dt_proj.weight"),
+            randn(&[di, r], (r as f64).powf(-0.5))?,
+        );
+        // dt ~ logUniform[1e-3, 1e-1]; bias = softplus⁻¹(dt) = dt + log(1 − e^−dt).
+        let u = Tensor::rand(0f32, 1f32, di, device)?;
+        let dt = ((u * (0.1f64.ln() - 0.001f64.ln()))? + 0.001f64.ln())?.exp()?;
+        let bias = (&dt + (dt.neg()?.exp()?.neg()? + 1.0)?.log()?)?;
+        t.insert(format!("{p}.mixer.dt_proj.bias"), bias);
+        t.insert(format!("{p}.mixer.A_log"), a_log.clone());
+        t.insert(
+            format!("{p}.mixer.D"),
+            Tensor::ones(di, DType::F32, device)?,
+        );
+        t.insert(
+            format!("{p}.mixer.out_proj.weight"),
+            randn(&[d, di], (di as f64).powf(-0.5))?,
+        );
+    }
+    t.insert(
+        "backbone.norm_f.weight".into(),
+        Tensor::ones(d, DType::F32, device)?,
+    );
+    let mut cfg = config.clone();
+    cfg.format = crate::model::CheckpointFormat::Original;
+    MambaModel::new(&cfg, VarBuilder::from_tensors(t, dtype, device))
+}
+
+/// Peak resident memory since the last [`reset_peak_rss`], in MiB (Linux; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the peak-RSS counter (Linux: writing 5 to /proc/self/clear_refs).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One prefill measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillResult {
+    pub s: f64,
+    pub tok_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+    /// Sequence length leaving each decimating layer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_per_layer: Vec<usize>,
+}
+
+/// A whole benchmark run, in the layout `scripts/bench_hf.py` also writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub threads: usize,
+    pub prefill: BTreeMap<usize, PrefillResult>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_decimated: BTreeMap<usize, PrefillResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decimation: Option<DecimationConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode: Option<DecodeResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub s: f64,
+    pub tok_per_s: f64,
+}
+
+fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Times one prefill of `len` random tokens (best of `repeats`).
+pub fn time_prefill(
+    model: &MambaModel,
+    len: usize,
+    decimation: Option<&DecimationConfig>,
+    repeats: usize,
+) -> Result<PrefillResult> {
+    let vocab = model.config().vocab_size.min(50_000);
+    let ids = Tensor::from_vec(random_ids(len, vocab, len as u64), (1, len), model.device())?;
+    let opts = ForwardOptions {
+        decimation,
+        protected_tail: 1,
+        logits: LogitsSpan::Last(1),
+        record_indices: false,
+    };
+    let mut best = f64::INFINITY;
+    let mut kept = Vec::new();
+    reset_peak_rss();
+    for _ in 0..repeats.max(1) {
+        let mut state = model.new_state(1);
+        let start = Instant::now();
+        let (_, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
+        best = best.min(start.elapsed().as_secs_f64());
+        if let Some(d) = decimation {
+            kept = trace.kept_per_decimating_layer(d);
+        }
+    }
+    Ok(PrefillResult {
+        s: best,
+        tok_per_s: len as f64 / best,
+        peak_rss_mib: peak_rss_mib(),
+        kept_per_layer: kept,
+    })
+}
+
+/// Times `new_tokens` greedy decode steps after a `prompt_tokens` prefill.
+pub fn time_decode(
+    model: &MambaModel,
+    prompt_tokens: usize,
+    new_tokens: usize,
+) -> Result<DecodeResult> {
+    let vocab = model.config().vocab_size.min(50_000);
+    let ids = random_ids(prompt_tokens, vocab, 7);
+    let mut state = model.new_state(1);
+    let t = Tensor::from_slice(&ids, (1, ids.len()), model.device())?;
+    let opts = ForwardOptions {
+        logits: LogitsSpan::Last(1),
+        ..Default::default()
+    };
+    let (logits, _) = model.forward_with_state(&t, &mut state, &opts)?;
+    let mut next = MambaModel::argmax_last(&logits.expect("logits"))?[0];
+    let start = Instant::now();
+    for _ in 0..new_tokens {
+        let logits = model.step(&[next], &mut state)?;
+        next = MambaModel::argmax_last(&logits)?[0];
+    }
+    let s = start.elapsed().as_secs_f64();
+    Ok(DecodeResult {
+        prompt_tokens,
+        new_tokens,
+        s,
+        tok_per_s: new_tokens as f64 / s,
+    })
+}

@@ -1,0 +1,163 @@
+//! `decimamba bench`.
+
+use super::common::{DecimationArgs, ModelArgs};
+use crate::bench::{self, BenchReport};
+use crate::decimation::ModelDefaults;
+use crate::loader::{parse_device, parse_dtype};
+use crate::model::MambaConfig;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Random weights of a public Mamba shape instead of a checkpoint: 130m, 370m, 790m, 1.4b, 2.8b.
+    #[arg(long, conflicts_with = "model")]
+    pub shape: Option<String>,
+    /// Prompt lengths to prefill (k = 1024).
+    #[arg(long, default_value = "512,2048,8192")]
+    pub lengths: String,
+    /// Decode steps to time (0 = skip).
+    #[arg(long, default_value_t = 64)]
+    pub decode: usize,
+    /// Best of this many prefills per length.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// CPU threads (sets RAYON_NUM_THREADS); default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also time decimated prefill (the --decimation settings, else the model preset or zero-shot rule).
+    #[arg(long)]
+    pub compare_decimation: bool,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    #[command(flatten)]
+    pub decimation: DecimationArgs,
+}
+
+/// Parses "512,2k,8K" (k = 1024).
+pub fn parse_lengths(spec: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let lower = part.to_ascii_lowercase();
+        let (num, mult) = match lower.strip_suffix('k') {
+            Some(n) => (n, 1024),
+            None => (lower.as_str(), 1),
+        };
+        let n: usize = num
+            .trim()
+            .parse()
+            .with_context(|| format!("bad length \"{part}\""))?;
+        if n == 0 {
+            bail!("lengths must be positive, got \"{part}\"");
+        }
+        out.push(n * mult);
+    }
+    if out.is_empty() {
+        bail!("no lengths given");
+    }
+    Ok(out)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let lengths = parse_lengths(&args.lengths)?;
+    let device = parse_device(&args.model_args.device)?;
+    let dtype = parse_dtype(&args.model_args.dtype)?;
+    let (model, defaults) = match &args.shape {
+        Some(shape) => {
+            let cfg = MambaConfig::of_shape(shape)?;
+            eprintln!(
+                "building random {shape} model ({:.0}M parameters)...",
+                cfg.num_params() as f64 / 1e6
+            );
+            let m = bench::random_model(&cfg, dtype, &device, 0)?;
+            let d = ModelDefaults {
+                name: format!("random-{shape}"),
+                n_layer: cfg.n_layer,
+                preset: None,
+                train_len: 2000,
+            };
+            (m, d)
+        }
+        None => {
+            let loaded = args.model_args.load()?;
+            let d = loaded.decimation_defaults();
+            (loaded.model, d)
+        }
+    };
+    let decimation = if args.compare_decimation {
+        Some(crate::decimation::resolve_or_default(
+            &args.decimation,
+            &defaults,
+        )?)
+    } else {
+        crate::decimation::resolve_args(&args.decimation, &defaults)?
+    };
+    let threads = candle_core::utils::get_num_threads();
+    eprintln!(
+        "model {} | {} | {dtype:?} | {threads} threads",
+        defaults.name, args.model_args.device
+    );
+    // Warm-up: page in weights and spin up the thread pool.
+    bench::time_prefill(&model, 64, None, 1)?;
+    let mut report = BenchReport {
+        implementation: "decimamba".into(),
+        model: defaults.name.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        device: args.model_args.device.clone(),
+        threads,
+        prefill: BTreeMap::new(),
+        prefill_decimated: BTreeMap::new(),
+        decimation: decimation.clone(),
+        decode: None,
+    };
+    println!(
+        "{:>8}  {:>10}  {:>12}  {:>10}",
+        "length", "seconds", "tokens/s", "peak MiB"
+    );
+    for &len in &lengths {
+        let r = bench::time_prefill(&model, len, None, args.repeats)?;
+        println!(
+            "{len:>8}  {:>10.3}  {:>12.1}  {:>10.0}",
+            r.s,
+            r.tok_per_s,
+            r.peak_rss_mib.unwrap_or(f64::NAN)
+        );
+        report.prefill.insert(len, r);
+        if let Some(d) = &decimation {
+            let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
+            let base = report.prefill[&len].s;
+            println!(
+                "{:>8}  {:>10.3}  {:>12.1}  {:>10.0}  decimated {:?} ({:.2}x vanilla)",
+                len,
+                r.s,
+                r.tok_per_s,
+                r.peak_rss_mib.unwrap_or(f64::NAN),
+                r.kept_per_layer,
+                base / r.s
+            );
+            report.prefill_decimated.insert(len, r);
+        }
+    }
+    if args.decode > 0 {
+        let d = bench::time_decode(&model, 128, args.decode)?;
+        println!(
+            "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s",
+            d.new_tokens, d.s, d.tok_per_s
+        );
+        report.decode = Some(d);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! The command-line layer: argument parsing and output; all work happens in the library.
+
+pub mod bench;
+pub mod common;
+pub mod generate;
+
+use clap::{Parser, Subcommand};
+
+/// Run Mamba language models and extend their context with DeciMamba.
+#[derive(Parser, Debug)]
+#[command(name = "decimamba", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt (argument, --prompt-file, or stdin).
+    Generate(generate::GenerateArgs),
+    /// Prefill and decode throughput, vanilla and decimated, with peak memory.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the CLI and returns the process exit code; errors print as one line.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            1
+        }
+    }
+}
+
+/// An error chain flattened onto one line ("outer: inner: cause").
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}

@@ -1,0 +1,572 @@
+//! Finding and loading a model: the embedded default, a local directory, or a hub repo,
+//! in either checkpoint format, with its tokenizer and any files shipped beside it
+//! (`decimation.json` preset, `passkey_template.json`, `haystack.txt`).
+
+use crate::cli::common::ModelArgs;
+use crate::decimation::DecimationConfig;
+use crate::eval::{EvalModel, GreedyOutput, TailScore};
+use crate::generation::{self, GenerateParams};
+use crate::hub::{looks_like_repo_id, HubRepo};
+use crate::model::{ForwardOptions, LogitsSpan, MambaConfig, MambaModel};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use hf_hub::RepoType;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Name of the model built into the binary.
+pub const EMBEDDED_MODEL_NAME: &str = "embedded:passkey-mamba";
+
+#[cfg(embedded_model)]
+mod embedded {
+    pub const CONFIG: &str = include_str!("../models/passkey-mamba/config.json");
+    pub const WEIGHTS: &[u8] = include_bytes!("../models/passkey-mamba/model.safetensors");
+    pub const TOKENIZER: &[u8] = include_bytes!("../models/passkey-mamba/tokenizer.json");
+    pub const DECIMATION: Option<&str> =
+        Some(include_str!("../models/passkey-mamba/decimation.json"));
+    pub const TEMPLATE: Option<&str> = Some(include_str!(
+        "../models/passkey-mamba/passkey_template.json"
+    ));
+    pub const HAYSTACK: Option<&str> = Some(include_str!("../models/passkey-mamba/haystack.txt"));
+    /// Training length of the shipped model (models/passkey-mamba/README.md).
+    pub const TRAIN_LEN: usize = 1024;
+}
+
+#[cfg(embedded_neox)]
+const NEOX_TOKENIZER_GZ: &[u8] = include_bytes!("../assets/gpt-neox-20b-tokenizer.json.gz");
+
+/// Where the weights are.
+#[derive(Debug, Clone)]
+pub enum WeightFiles {
+    /// One or more safetensors files (shards).
+    Safetensors(Vec<PathBuf>),
+    /// A PyTorch pickle (`pytorch_model.bin`).
+    Pytorch(PathBuf),
+    /// Safetensors bytes built into the binary.
+    Embedded(&'static [u8]),
+}
+
+/// Everything found for one model, before loading.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub name: String,
+    pub config_json: String,
+    pub weights: WeightFiles,
+    /// tokenizer.json bytes, when the model has its own.
+    pub tokenizer_json: Option<Vec<u8>>,
+    pub decimation_json: Option<String>,
+    pub template_json: Option<String>,
+    pub haystack: Option<String>,
+    pub train_len: Option<usize>,
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not valid UTF-8", p.display()))
+}
+
+/// Shard files named by a `model.safetensors.index.json`.
+fn shards_from_index(index: &Path) -> Result<Vec<String>> {
+    let text = read_text(index)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no weight_map", index.display()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        bail!("{} lists no shards", index.display());
+    }
+    Ok(files)
+}
+
+/// Files of a model in a local directory.
+pub fn files_from_dir(dir: &Path) -> Result<ModelFiles> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let config = dir.join("config.json");
+    if !config.exists() {
+        bail!("no config.json in model directory {}", dir.display());
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.exists() {
+        let shards = shards_from_index(&index)?;
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        if let Some(missing) = paths.iter().find(|p| !p.exists()) {
+            bail!(
+                "shard {} named in {} is missing",
+                missing.display(),
+                index.display()
+            );
+        }
+        WeightFiles::Safetensors(paths)
+    } else if dir.join("model.safetensors").exists() {
+        WeightFiles::Safetensors(vec![dir.join("model.safetensors")])
+    } else if dir.join("pytorch_model.bin").exists() {
+        WeightFiles::Pytorch(dir.join("pytorch_model.bin"))
+    } else {
+        bail!(
+            "no weights in {}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+            dir.display()
+        );
+    };
+    let optional = |name: &str| -> Result<Option<String>> {
+        let p = dir.join(name);
+        if p.exists() {
+            Ok(Some(read_text(&p)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let tokenizer = dir.join("tokenizer.json");
+    Ok(ModelFiles {
+        name: dir.display().to_string(),
+        config_json: read_text(&config)?,
+        weights,
+        tokenizer_json: if tokenizer.exists() {
+            Some(std::fs::read(&tokenizer)?)
+        } else {
+            None
+        },
+        decimation_json: optional("decimation.json")?,
+        template_json: optional("passkey_template.json")?,
+        haystack: optional("haystack.txt")?,
+        train_len: None,
+    })
+}
+
+/// Files of a model on the hub (or in its cache).
+pub fn files_from_hub(repo: &HubRepo) -> Result<ModelFiles> {
+    let config = repo.require("config.json")?;
+    let weights = if let Some(index) = repo.get("model.safetensors.index.json")? {
+        let mut paths = Vec::new();
+        for shard in shards_from_index(&index)? {
+            paths.push(repo.require(&shard)?);
+        }
+        WeightFiles::Safetensors(paths)
+    } else if let Some(p) = repo.get("model.safetensors")? {
+        WeightFiles::Safetensors(vec![p])
+    } else if let Some(p) = repo.get("pytorch_model.bin")? {
+        WeightFiles::Pytorch(p)
+    } else {
+        bail!(
+            "{} (revision {}) has no model.safetensors, model.safetensors.index.json or pytorch_model.bin{}",
+            repo.repo_id,
+            repo.revision,
+            if crate::hub::offline_from_env() { " in the hub cache (HF_HUB_OFFLINE is set)" } else { "" }
+        );
+    };
+    let optional_text = |name: &str| -> Result<Option<String>> {
+        match repo.get(name)? {
+            Some(p) => Ok(Some(read_text(&p)?)),
+            None => Ok(None),
+        }
+    };
+    let tokenizer_json = match repo.get("tokenizer.json")? {
+        Some(p) => Some(std::fs::read(&p)?),
+        None => None,
+    };
+    Ok(ModelFiles {
+        name: repo.repo_id.clone(),
+        config_json: read_text(&config)?,
+        weights,
+        tokenizer_json,
+        decimation_json: optional_text("decimation.json")?,
+        template_json: optional_text("passkey_template.json")?,
+        haystack: None,
+        train_len: None,
+    })
+}
+
+/// Files of the model built into the binary.
+pub fn embedded_files() -> Result<ModelFiles> {
+    #[cfg(embedded_model)]
+    {
+        Ok(ModelFiles {
+            name: EMBEDDED_MODEL_NAME.to_string(),
+            config_json: embedded::CONFIG.to_string(),
+            weights: WeightFiles::Embedded(embedded::WEIGHTS),
+            tokenizer_json: Some(embedded::TOKENIZER.to_vec()),
+            decimation_json: embedded::DECIMATION.map(str::to_string),
+            template_json: embedded::TEMPLATE.map(str::to_string),
+            haystack: embedded::HAYSTACK.map(str::to_string),
+            train_len: Some(embedded::TRAIN_LEN),
+        })
+    }
+    #[cfg(not(embedded_model))]
+    bail!("this build has no embedded model (models/passkey-mamba was missing at build time); pass --model")
+}
+
+/// Finds the files `spec` names: a directory if one exists at that path, else a hub repo id.
+pub fn find_files(spec: Option<&str>, revision: &str) -> Result<ModelFiles> {
+    match spec {
+        None => embedded_files(),
+        Some(s) if Path::new(s).exists() => files_from_dir(Path::new(s)),
+        Some(s) if looks_like_repo_id(s) => {
+            files_from_hub(&HubRepo::new(s, revision, RepoType::Model))
+        }
+        Some(s) => {
+            bail!("model \"{s}\" is neither an existing directory nor a hub repo id (ORG/NAME)")
+        }
+    }
+}
+
+/// The GPT-NeoX-20B tokenizer that Mamba checkpoints use, from the copy built into the
+/// binary (identical to EleutherAI/gpt-neox-20b's tokenizer.json), else the hub.
+pub fn neox_tokenizer() -> Result<Tokenizer> {
+    #[cfg(embedded_neox)]
+    {
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(NEOX_TOKENIZER_GZ)
+            .read_to_end(&mut json)
+            .context("built-in tokenizer is corrupt")?;
+        tokenizer_from_bytes(&json, "built-in gpt-neox-20b tokenizer")
+    }
+    #[cfg(not(embedded_neox))]
+    {
+        let repo = HubRepo::new("EleutherAI/gpt-neox-20b", "main", RepoType::Model);
+        let path = repo.require("tokenizer.json")?;
+        tokenizer_from_bytes(&std::fs::read(&path)?, &path.display().to_string())
+    }
+}
+
+fn tokenizer_from_bytes(bytes: &[u8], what: &str) -> Result<Tokenizer> {
+    Tokenizer::from_bytes(bytes).map_err(|e| anyhow::anyhow!("cannot load tokenizer {what}: {e}"))
+}
+
+/// `--tokenizer`: a tokenizer.json path or a hub repo id holding one.
+pub fn tokenizer_from_spec(spec: &str) -> Result<Tokenizer> {
+    let p = Path::new(spec);
+    if p.is_file() {
+        return tokenizer_from_bytes(&std::fs::read(p)?, spec);
+    }
+    if p.is_dir() {
+        let f = p.join("tokenizer.json");
+        if !f.exists() {
+            bail!("no tokenizer.json in {spec}");
+        }
+        return tokenizer_from_bytes(&std::fs::read(&f)?, &f.display().to_string());
+    }
+    if looks_like_repo_id(spec) {
+        let repo = HubRepo::new(spec, "main", RepoType::Model);
+        let path = repo.require("tokenizer.json")?;
+        return tokenizer_from_bytes(&std::fs::read(&path)?, spec);
+    }
+    bail!("tokenizer \"{spec}\" is neither a file, a directory nor a hub repo id")
+}
+
+/// Parses `--device`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "metal" => {
+            if cfg!(feature = "metal") {
+                Ok(Device::new_metal(0)?)
+            } else {
+                bail!("--device metal: this binary was built without the `metal` feature")
+            }
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("bad CUDA device \"{s}\""))?,
+                None => 0,
+            };
+            if cfg!(feature = "cuda") {
+                Ok(Device::new_cuda(ordinal)
+                    .with_context(|| format!("cannot open CUDA device {ordinal}"))?)
+            } else {
+                bail!("--device {s}: this binary was built without the `cuda` feature")
+            }
+        }
+        other => bail!("unknown device \"{other}\": expected cpu, cuda, cuda:N or metal"),
+    }
+}
+
+/// Parses `--dtype`.
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        other => bail!("unknown dtype \"{other}\": expected f32, bf16 or f16"),
+    }
+}
+
+/// Builds the model from resolved files.
+pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> Result<MambaModel> {
+    let config = MambaConfig::from_json_str(&files.config_json)
+        .with_context(|| format!("model {}", files.name))?;
+    if !device.is_cpu() {
+        bail!("--device {device:?}: the Mamba kernels of this build run on the CPU only");
+    }
+    let vb = match &files.weights {
+        WeightFiles::Safetensors(paths) => {
+            for p in paths {
+                check_safetensors_header(p)?;
+            }
+            // SAFETY: the files are memory-mapped read-only; modifying them while the
+            // program runs is the user's own undefined behaviour, as with any mmap loader.
+            unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }
+                .with_context(|| format!("cannot read checkpoint {}", paths[0].display()))?
+        }
+        WeightFiles::Pytorch(p) => VarBuilder::from_pth(p, dtype, device)
+            .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", p.display()))?,
+        WeightFiles::Embedded(bytes) => {
+            VarBuilder::from_buffered_safetensors(bytes.to_vec(), dtype, device)
+                .context("embedded checkpoint is corrupt")?
+        }
+    };
+    let model = MambaModel::new(&config, vb).with_context(|| format!("model {}", files.name))?;
+    Ok(model)
+}
+
+/// Rejects truncated or non-safetensors files with a clear message before mmap.
+fn check_safetensors_header(p: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(p)
+        .with_context(|| format!("cannot open checkpoint {}", p.display()))?;
+    let size = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    if size < 8 || f.read_exact(&mut len).is_err() {
+        bail!(
+            "checkpoint {} is corrupt: too short for a safetensors file",
+            p.display()
+        );
+    }
+    let header = u64::from_le_bytes(len);
+    if header == 0 || header > size - 8 || header > 100_000_000 {
+        bail!(
+            "checkpoint {} is corrupt: bad safetensors header length {header}",
+            p.display()
+        );
+    }
+    let mut head = vec![0u8; header as usize];
+    f.read_exact(&mut head)?;
+    let meta: serde_json::Value = serde_json::from_slice(&head).map_err(|_| {
+        anyhow::anyhow!(
+            "checkpoint {} is corrupt: safetensors header is not JSON",
+            p.display()
+        )
+    })?;
+    let mut end = 0u64;
+    for (k, v) in meta.as_object().into_iter().flatten() {
+        if k == "__metadata__" {
+            continue;
+        }
+        if let Some(off) = v.get("data_offsets").and_then(|o| o.as_array()) {
+            end = end.max(off.get(1).and_then(|x| x.as_u64()).unwrap_or(0));
+        }
+    }
+    if 8 + header + end > size {
+        bail!(
+            "checkpoint {} is corrupt: truncated ({} bytes, tensors need {})",
+            p.display(),
+            size,
+            8 + header + end
+        );
+    }
+    Ok(())
+}
+
+/// A model ready to run: weights, tokenizer and what shipped beside them.
+pub struct LoadedModel {
+    pub model: MambaModel,
+    pub tokenizer: Tokenizer,
+    pub files: ModelFiles,
+    eos: Option<u32>,
+}
+
+/// Loads what `args` names.
+pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let files = find_files(args.model.as_deref(), &args.revision)?;
+    let tokenizer = match (&args.tokenizer, &files.tokenizer_json) {
+        (Some(spec), _) => tokenizer_from_spec(spec)?,
+        (None, Some(bytes)) => {
+            tokenizer_from_bytes(bytes, &format!("{}/tokenizer.json", files.name))?
+        }
+        (None, None) => neox_tokenizer()?,
+    };
+    let model = load_model(&files, &device, dtype)?;
+    LoadedModel::new(model, tokenizer, files)
+}
+
+impl LoadedModel {
+    pub fn new(model: MambaModel, tokenizer: Tokenizer, files: ModelFiles) -> Result<Self> {
+        let eos = model
+            .config()
+            .eos_token_id
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>"));
+        let vocab = tokenizer.get_vocab_size(true);
+        if vocab > model.config().vocab_size {
+            bail!(
+                "tokenizer has {vocab} tokens but model {} has only {} embeddings: wrong tokenizer?",
+                files.name,
+                model.config().vocab_size
+            );
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            files,
+            eos,
+        })
+    }
+
+    pub fn config(&self) -> &MambaConfig {
+        self.model.config()
+    }
+
+    pub fn name_str(&self) -> &str {
+        &self.files.name
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The decimation preset shipped beside the model (`decimation.json`), if valid.
+    pub fn decimation_preset(&self) -> Option<DecimationConfig> {
+        self.files
+            .decimation_json
+            .as_deref()
+            .and_then(|j| DecimationConfig::from_json_str(j).ok())
+    }
+
+    /// The length the model was trained on, for the zero-shot L_base (2048 for the
+    /// public Mamba checkpoints, trained on 2K-token sequences).
+    pub fn train_len(&self) -> usize {
+        self.files.train_len.unwrap_or(2048)
+    }
+
+    /// What decimation defaults depend on.
+    pub fn decimation_defaults(&self) -> crate::decimation::ModelDefaults {
+        crate::decimation::ModelDefaults {
+            name: self.files.name.clone(),
+            n_layer: self.config().n_layer,
+            preset: self.decimation_preset(),
+            train_len: self.train_len(),
+        }
+    }
+
+    /// Passkey prompt template JSON shipped beside the model.
+    pub fn passkey_template(&self) -> Option<String> {
+        self.files.template_json.clone()
+    }
+
+    /// Default haystack text shipped beside the model.
+    pub fn haystack(&self) -> Option<String> {
+        self.files.haystack.clone()
+    }
+
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode_ids(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))
+    }
+}
+
+impl EvalModel for LoadedModel {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_text(text)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_ids(ids)
+    }
+
+    fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        decimation: Option<&DecimationConfig>,
+    ) -> Result<GreedyOutput> {
+        let params = GenerateParams {
+            max_new_tokens,
+            ..GenerateParams::greedy()
+        };
+        let out = generation::generate(&self.model, prompt, &params, decimation, self.eos, |_| {
+            Ok(())
+        })?;
+        Ok(GreedyOutput {
+            text: self.decode_ids(&out.tokens)?,
+            tokens: out.tokens,
+            prefill_secs: out.prefill_secs,
+            kept_per_layer: decimation
+                .map(|d| out.trace.kept_per_decimating_layer(d))
+                .unwrap_or_default(),
+        })
+    }
+
+    fn score_tail(
+        &self,
+        window: &[u32],
+        pred_len: usize,
+        decimation: Option<&DecimationConfig>,
+    ) -> Result<TailScore> {
+        if pred_len == 0 || pred_len >= window.len() {
+            bail!(
+                "cannot score the last {pred_len} tokens of a {}-token window",
+                window.len()
+            );
+        }
+        let ids = Tensor::from_slice(window, (1, window.len()), self.model.device())?;
+        let mut state = self.model.new_state(1);
+        // Positions w−pred_len−1 .. w−2 predict the scored tokens; R = pred_len + 1 keeps
+        // them (and the last token) out of decimation, as the authors' PG-19 eval does.
+        let opts = ForwardOptions {
+            decimation,
+            protected_tail: pred_len + 1,
+            logits: LogitsSpan::Last(pred_len + 1),
+            record_indices: false,
+        };
+        let start = Instant::now();
+        let (logits, trace) = self.model.forward_with_state(&ids, &mut state, &opts)?;
+        let forward_secs = start.elapsed().as_secs_f64();
+        let logits = logits
+            .context("no logits")?
+            .squeeze(0)?
+            .narrow(0, 0, pred_len)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
+        let targets = &window[window.len() - pred_len..];
+        let target_t = Tensor::from_slice(targets, (pred_len, 1), self.model.device())?;
+        let nll: Vec<f32> = log_probs
+            .gather(&target_t, 1)?
+            .neg()?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok(TailScore {
+            nll,
+            forward_secs,
+            kept_per_layer: decimation
+                .map(|d| trace.kept_per_decimating_layer(d))
+                .unwrap_or_default(),
+        })
+    }
+
+    fn name(&self) -> String {
+        self.files.name.clone()
+    }
+}

@@ -1,0 +1,603 @@
+//! The Mamba-1 language model (Gu & Dao 2023): embedding → N × (Add → Norm → Mixer) →
+//! final norm → LM head, with DeciMamba decimation inside chosen mixers.
+//!
+//! One forward path serves every use: a whole prompt, one chunk of a long prompt, or a
+//! single decode step; the caller passes the [`InferenceState`] that carries each layer's
+//! convolution window and SSM state from one call to the next.
+
+use super::config::MambaConfig;
+use super::kernels::{self, ConvInput, ScanInputs};
+use crate::decimation::{select_tokens, DecimationConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+/// A dense projection `y = x Wᵀ (+ b)` on token rows.
+#[derive(Debug, Clone)]
+struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        let weight = get(vb, (out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(get(vb, out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Projection {
+    /// `x`: `[rows, in]` → `[rows, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Reads one tensor, naming it fully when it is missing or has the wrong shape.
+fn get<S: Into<candle_core::Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
+    let full = if vb.prefix().is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", vb.prefix())
+    };
+    vb.get(shape, name).map_err(|e| match e {
+        candle_core::Error::UnexpectedShape { expected, got, .. } => {
+            anyhow::anyhow!(
+                "checkpoint tensor {full} has shape {got:?} but the config implies {expected:?}"
+            )
+        }
+        other => anyhow::anyhow!("checkpoint tensor {full}: {other}"),
+    })
+}
+
+/// RMSNorm (Zhang & Sennrich 2019) or LayerNorm, as the checkpoint says.
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder, cfg: &MambaConfig) -> Result<Self> {
+        let weight = get(vb, cfg.d_model, "weight")?;
+        let bias = if cfg.rms_norm {
+            None
+        } else {
+            Some(get(vb, cfg.d_model, "bias")?)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.norm_eps as f32,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(self.weight.dtype())?.contiguous()?;
+        match &self.bias {
+            None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps),
+            Some(b) => candle_nn::ops::layer_norm(&x, &self.weight, b, self.eps),
+        }
+    }
+}
+
+/// Recurrent state of one layer between calls.
+#[derive(Debug, Clone)]
+pub struct LayerState {
+    /// The `d_conv − 1` most recent mixer inputs (pre-conv x), `[batch, d_conv−1, d_inner]`.
+    pub conv: Vec<f32>,
+    /// SSM state h, `[batch, d_inner, d_state]`.
+    pub ssm: Vec<f32>,
+}
+
+/// Recurrent state of the whole model: what prefill hands to decoding.
+#[derive(Debug, Clone)]
+pub struct InferenceState {
+    pub batch: usize,
+    pub layers: Vec<LayerState>,
+    /// Tokens consumed so far (before any decimation).
+    pub seen_tokens: usize,
+}
+
+/// How one layer changed the sequence length in a forward pass.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerTrace {
+    pub layer: usize,
+    pub len_in: usize,
+    pub len_out: usize,
+    /// Indices into this layer's input that were kept, when the layer decimated and the
+    /// caller asked for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Vec<usize>>,
+}
+
+/// What a forward pass returns besides logits.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DecimationTrace {
+    /// One entry per layer, in order.
+    pub layers: Vec<LayerTrace>,
+}
+
+impl DecimationTrace {
+    /// Sequence length leaving each layer listed in `cfg.decimating_layers`.
+    pub fn kept_per_decimating_layer(&self, cfg: &DecimationConfig) -> Vec<usize> {
+        cfg.decimating_layers
+            .iter()
+            .filter_map(|&l| self.layers.get(l).map(|t| t.len_out))
+            .collect()
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsSpan {
+    /// Every output position.
+    All,
+    /// The last n output positions (n is capped at the output length).
+    Last(usize),
+    /// No logits (e.g. the non-final chunks of a chunked prefill).
+    None,
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions<'a> {
+    pub decimation: Option<&'a DecimationConfig>,
+    /// R: the last R tokens are never decimated (1 for generation, pred_len + 1 for PPL).
+    pub protected_tail: usize,
+    pub logits: LogitsSpan,
+    /// Record kept indices per decimating layer in the trace.
+    pub record_indices: bool,
+}
+
+impl Default for ForwardOptions<'_> {
+    fn default() -> Self {
+        Self {
+            decimation: None,
+            protected_tail: 1,
+            logits: LogitsSpan::All,
+            record_indices: false,
+        }
+    }
+}
+
+/// The S6 mixer of one layer (Gu & Dao 2023, Alg. 2), with parameters the CPU kernels
+/// read directly kept as f32 vectors.
+#[derive(Debug, Clone)]
+struct Mixer {
+    in_proj: Projection,
+    x_proj: Projection,
+    dt_proj_weight: Tensor,
+    out_proj: Projection,
+    /// Conv taps transposed to `[d_conv, d_inner]`.
+    conv_weight_t: Vec<f32>,
+    conv_bias: Vec<f32>,
+    dt_bias: Vec<f32>,
+    /// A = −exp(A_log), `[d_inner, d_state]`.
+    a: Vec<f32>,
+    d_skip: Vec<f32>,
+    d_inner: usize,
+    d_state: usize,
+    d_conv: usize,
+    dt_rank: usize,
+}
+
+fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Rows `idx` of a `[rows, width]` matrix.
+fn gather_rows(src: &[f32], width: usize, idx: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(idx.len() * width);
+    for &i in idx {
+        out.extend_from_slice(&src[i * width..(i + 1) * width]);
+    }
+    out
+}
+
+/// Decimation work for one mixer call.
+struct DecimationStep<'a> {
+    cfg: &'a DecimationConfig,
+    /// s: position of this layer in `decimating_layers`.
+    rank: usize,
+    protected_tail: usize,
+}
+
+impl Mixer {
+    fn load(vb: &VarBuilder, cfg: &MambaConfig) -> Result<Self> {
+        let (d, di, n, r, k) = (
+            cfg.d_model,
+            cfg.d_inner,
+            cfg.d_state,
+            cfg.dt_rank,
+            cfg.d_conv,
+        );
+        let f32_vb = vb.to_dtype(DType::F32);
+        let conv_w = get(&f32_vb.pp("conv1d"), (di, 1, k), "weight")?;
+        let conv_w = to_vec_f32(&conv_w)?;
+        let mut conv_weight_t = vec![0f32; k * di];
+        for c in 0..di {
+            for j in 0..k {
+                conv_weight_t[j * di + c] = conv_w[c * k + j];
+            }
+        }
+        let conv_bias = if cfg.conv_bias {
+            to_vec_f32(&get(&f32_vb.pp("conv1d"), di, "bias")?)?
+        } else {
+            vec![0f32; di]
+        };
+        let a_log = to_vec_f32(&get(&f32_vb, (di, n), "A_log")?)?;
+        Ok(Self {
+            in_proj: Projection::load(&vb.pp("in_proj"), 2 * di, d, cfg.bias)?,
+            x_proj: Projection::load(&vb.pp("x_proj"), r + 2 * n, di, false)?,
+            dt_proj_weight: get(&vb.pp("dt_proj"), (di, r), "weight")?,
+            out_proj: Projection::load(&vb.pp("out_proj"), d, di, cfg.bias)?,
+            conv_weight_t,
+            conv_bias,
+            dt_bias: to_vec_f32(&get(&f32_vb.pp("dt_proj"), di, "bias")?)?,
+            a: a_log.iter().map(|v| -v.exp()).collect(),
+            d_skip: to_vec_f32(&get(&f32_vb, di, "D")?)?,
+            d_inner: di,
+            d_state: n,
+            d_conv: k,
+            dt_rank: r,
+        })
+    }
+
+    /// `h`: normalised input `[batch, len, d_model]`. Returns the mixer output
+    /// `[batch, len', d_model]` and, when the layer decimated, the kept indices.
+    fn forward(
+        &self,
+        h: &Tensor,
+        state: &mut LayerState,
+        decimation: Option<DecimationStep>,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        let (batch, len, d_model) = h.dims3()?;
+        let (di, n, k, r) = (self.d_inner, self.d_state, self.d_conv, self.dt_rank);
+        let dtype = h.dtype();
+        let device = h.device().clone();
+        let xz = self.in_proj.forward(&h.reshape((batch * len, d_model))?)?;
+        let xz = xz.to_dtype(DType::F32)?;
+        let xz_vec = to_vec_f32(&xz)?;
+
+        // Causal conv + SiLU over the full sequence (the decimation cut comes after it).
+        let x_conv = kernels::causal_conv_silu(
+            ConvInput {
+                data: &xz_vec,
+                batch_stride: len * 2 * di,
+                row_stride: 2 * di,
+            },
+            &state.conv,
+            &self.conv_weight_t,
+            &self.conv_bias,
+            batch,
+            len,
+        );
+        self.update_conv_window(&xz_vec, batch, len, state);
+
+        // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias).
+        let x_conv_t = Tensor::from_slice(&x_conv, (batch * len, di), &device)?.to_dtype(dtype)?;
+        let dbc = self.x_proj.forward(&x_conv_t)?;
+        let dt = dbc
+            .narrow(1, 0, r)?
+            .contiguous()?
+            .matmul(&self.dt_proj_weight.t()?)?;
+        let mut delta = to_vec_f32(&dt)?;
+        kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
+        let mut dbc_vec = to_vec_f32(&dbc)?;
+        let bc_width = r + 2 * n;
+
+        let mut kept = None;
+        let (mut x_conv, mut xz_vec, mut scan_len) = (x_conv, xz_vec, len);
+        if let Some(step) = decimation {
+            if batch != 1 {
+                bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
+            }
+            let budget = step.cfg.budget(step.rank, len, step.protected_tail);
+            if let Some(idx) = select_tokens(&delta, di, budget, step.protected_tail) {
+                x_conv = gather_rows(&x_conv, di, &idx);
+                delta = gather_rows(&delta, di, &idx);
+                dbc_vec = gather_rows(&dbc_vec, bc_width, &idx);
+                xz_vec = gather_rows(&xz_vec, 2 * di, &idx);
+                scan_len = idx.len();
+                kept = Some(idx);
+            }
+        }
+
+        let inputs = ScanInputs {
+            batch,
+            len: scan_len,
+            d_inner: di,
+            d_state: n,
+            x: &x_conv,
+            delta: &delta,
+            bc: &dbc_vec,
+            bc_batch_stride: scan_len * bc_width,
+            bc_row_stride: bc_width,
+            b_offset: r,
+            c_offset: r + n,
+            z: &xz_vec[di..],
+            z_batch_stride: scan_len * 2 * di,
+            z_row_stride: 2 * di,
+            a: &self.a,
+            d_skip: &self.d_skip,
+        };
+        let y = kernels::selective_scan(&inputs, &mut state.ssm);
+        debug_assert_eq!(k, self.d_conv);
+        let y = Tensor::from_vec(y, (batch * scan_len, di), &device)?.to_dtype(dtype)?;
+        let out = self
+            .out_proj
+            .forward(&y)?
+            .reshape((batch, scan_len, d_model))?;
+        Ok((out, kept))
+    }
+
+    /// Keeps the last `d_conv − 1` pre-conv inputs of this layer's full input for the next
+    /// call (the reference takes decode's conv state from the undecimated sequence too).
+    fn update_conv_window(&self, xz: &[f32], batch: usize, len: usize, state: &mut LayerState) {
+        let (di, w) = (self.d_inner, self.d_conv - 1);
+        if w == 0 {
+            return;
+        }
+        for b in 0..batch {
+            let hist = &mut state.conv[b * w * di..(b + 1) * w * di];
+            let mut window: Vec<f32> = hist.to_vec();
+            for t in len.saturating_sub(w)..len {
+                let row = (b * len + t) * 2 * di;
+                window.extend_from_slice(&xz[row..row + di]);
+            }
+            let start = window.len() - w * di;
+            hist.copy_from_slice(&window[start..]);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm: Norm,
+    mixer: Mixer,
+}
+
+/// A Mamba-1 language model.
+#[derive(Debug, Clone)]
+pub struct MambaModel {
+    config: MambaConfig,
+    embedding: Tensor,
+    layers: Vec<Block>,
+    norm_f: Norm,
+    lm_head: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl MambaModel {
+    /// Builds the model from a `VarBuilder` over the checkpoint's tensors, whose names
+    /// follow `config.format`.
+    pub fn new(config: &MambaConfig, vb: VarBuilder) -> Result<Self> {
+        let backbone = vb.pp("backbone");
+        let emb_name = match config.format {
+            super::config::CheckpointFormat::Original => "embedding",
+            super::config::CheckpointFormat::Transformers => "embeddings",
+        };
+        let embedding = get(
+            &backbone.pp(emb_name),
+            (config.vocab_size, config.d_model),
+            "weight",
+        )?;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let lvb = backbone.pp("layers").pp(i);
+            layers.push(Block {
+                norm: Norm::load(&lvb.pp("norm"), config)?,
+                mixer: Mixer::load(&lvb.pp("mixer"), config)?,
+            });
+        }
+        let extra = format!("backbone.layers.{}.norm.weight", config.n_layer);
+        if vb.contains_tensor(&extra) {
+            bail!(
+                "checkpoint has more layers than the config's {} ({extra} exists)",
+                config.n_layer
+            );
+        }
+        let norm_f = Norm::load(&backbone.pp("norm_f"), config)?;
+        // Tied checkpoints may still store a copy as lm_head.weight; the embedding is the truth.
+        let lm_head = if !config.tie_embeddings {
+            get(
+                &vb.pp("lm_head"),
+                (config.vocab_size, config.d_model),
+                "weight",
+            )?
+        } else {
+            embedding.clone()
+        };
+        Ok(Self {
+            config: config.clone(),
+            embedding,
+            layers,
+            norm_f,
+            lm_head,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &MambaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh (all-zero) recurrent state for `batch` sequences.
+    pub fn new_state(&self, batch: usize) -> InferenceState {
+        let c = &self.config;
+        InferenceState {
+            batch,
+            layers: (0..c.n_layer)
+                .map(|_| LayerState {
+                    conv: vec![0f32; batch * (c.d_conv - 1) * c.d_inner],
+                    ssm: vec![0f32; batch * c.d_inner * c.d_state],
+                })
+                .collect(),
+            seen_tokens: 0,
+        }
+    }
+
+    /// Runs `ids` (`[batch, len]`, u32) through the model, continuing from `state` and
+    /// leaving the final recurrent state in it. With decimation, layers listed in the
+    /// config shrink the sequence (DeciMamba, Ben-Kish et al. 2025, §4); the logits then
+    /// belong to the kept positions, whose last `protected_tail` are the input's last.
+    pub fn forward_with_state(
+        &self,
+        ids: &Tensor,
+        state: &mut InferenceState,
+        opts: &ForwardOptions,
+    ) -> Result<(Option<Tensor>, DecimationTrace)> {
+        let (batch, len) = ids.dims2().context("token ids must be [batch, len]")?;
+        if batch != state.batch {
+            bail!(
+                "state was made for batch {} but the input has batch {batch}",
+                state.batch
+            );
+        }
+        if len == 0 {
+            bail!("cannot run the model on an empty sequence");
+        }
+        if let Some(cfg) = opts.decimation {
+            cfg.validate(self.config.n_layer)?;
+        }
+        let max_id = ids
+            .max_keepdim(1)?
+            .max_keepdim(0)?
+            .flatten_all()?
+            .to_vec1::<u32>()?[0];
+        if max_id as usize >= self.config.vocab_size {
+            bail!(
+                "token id {max_id} is outside the model's vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        let residual_dtype = if self.config.residual_in_fp32 {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let mut residual = self.embedding.index_select(&ids.flatten_all()?, 0)?;
+        residual = residual
+            .reshape((batch, len, self.config.d_model))?
+            .to_dtype(residual_dtype)?;
+        let mut trace = DecimationTrace::default();
+        for (i, (block, layer_state)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate()
+        {
+            let len_in = residual.dim(1)?;
+            let step = opts.decimation.and_then(|cfg| {
+                cfg.rank_of(i).map(|rank| DecimationStep {
+                    cfg,
+                    rank,
+                    protected_tail: opts.protected_tail,
+                })
+            });
+            let normed = block.norm.forward(&residual)?.to_dtype(self.dtype)?;
+            let (out, kept) = block.mixer.forward(&normed, layer_state, step)?;
+            if let Some(idx) = &kept {
+                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), &self.device)?;
+                residual = residual.index_select(&idx_t, 1)?;
+            }
+            residual = (residual + out.to_dtype(residual_dtype)?)?;
+            trace.layers.push(LayerTrace {
+                layer: i,
+                len_in,
+                len_out: residual.dim(1)?,
+                kept: if opts.record_indices { kept } else { None },
+            });
+        }
+        state.seen_tokens += len;
+        let out_len = residual.dim(1)?;
+        let take = match opts.logits {
+            LogitsSpan::None => return Ok((None, trace)),
+            LogitsSpan::All => out_len,
+            LogitsSpan::Last(n) => n.min(out_len),
+        };
+        let hidden = residual.narrow(1, out_len - take, take)?;
+        let hidden = self.norm_f.forward(&hidden)?.to_dtype(self.dtype)?;
+        let logits = hidden
+            .reshape((batch * take, self.config.d_model))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((batch, take, self.config.vocab_size))?
+            .to_dtype(DType::F32)?;
+        Ok((Some(logits), trace))
+    }
+
+    /// Logits for every position of `ids` (`[batch, len]`) from a fresh state, no decimation.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut state = self.new_state(ids.dim(0)?);
+        let (logits, _) = self.forward_with_state(ids, &mut state, &ForwardOptions::default())?;
+        logits.context("no logits")
+    }
+
+    /// Prefill in chunks of `chunk` tokens with the state carried between them: memory is
+    /// bounded by the chunk, not the prompt. Returns the last position's logits `[batch, vocab]`.
+    pub fn prefill_chunked(
+        &self,
+        ids: &Tensor,
+        chunk: usize,
+        state: &mut InferenceState,
+    ) -> Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        if chunk == 0 {
+            bail!("chunk size must be positive");
+        }
+        let mut start = 0;
+        let mut last = None;
+        while start < len {
+            let n = chunk.min(len - start);
+            let is_last = start + n == len;
+            let opts = ForwardOptions {
+                logits: if is_last {
+                    LogitsSpan::Last(1)
+                } else {
+                    LogitsSpan::None
+                },
+                ..Default::default()
+            };
+            let (logits, _) = self.forward_with_state(&ids.narrow(1, start, n)?, state, &opts)?;
+            last = logits;
+            start += n;
+        }
+        Ok(last.context("no logits")?.squeeze(1)?)
+    }
+
+    /// One decode step: `ids` holds one token per sequence. Never decimates.
+    pub fn step(&self, ids: &[u32], state: &mut InferenceState) -> Result<Tensor> {
+        let t = Tensor::from_slice(ids, (ids.len(), 1), &self.device)?;
+        let opts = ForwardOptions {
+            logits: LogitsSpan::Last(1),
+            ..Default::default()
+        };
+        let (logits, _) = self.forward_with_state(&t, state, &opts)?;
+        Ok(logits.context("no logits")?.squeeze(1)?)
+    }
+
+    /// Index of the largest logit in the last dimension (greedy decoding).
+    pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
+        Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?)
+    }
+}

@@ -1,0 +1,10 @@
+//! The Mamba-1 model: configuration, weights, mixer and CPU kernels.
+
+pub mod config;
+pub mod kernels;
+pub mod mamba;
+
+pub use config::{CheckpointFormat, MambaConfig};
+pub use mamba::{
+    DecimationTrace, ForwardOptions, InferenceState, LayerTrace, LogitsSpan, MambaModel,
+};
