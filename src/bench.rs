@@ -19,7 +19,7 @@ pub fn random_model(
     device: &Device,
     seed: u64,
 ) -> Result<MambaModel> {
-    device.set_seed(seed)?;
+    let mut rng = Normal::new(seed);
     let (d, di, n, r, k, v) = (
         config.d_model,
         config.d_inner,
@@ -29,7 +29,11 @@ pub fn random_model(
         config.vocab_size,
     );
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let randn = |shape: &[usize], std: f64| Tensor::randn(0f32, std as f32, shape, device);
+    let mut randn = |shape: &[usize], std: f64| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.sample() * std as f32).collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    };
     t.insert("backbone.embedding.weight".into(), randn(&[v, d], 0.02)?);
     let a_log = Tensor::arange(1f32, n as f32 + 1.0, device)?
         .log()?
@@ -59,7 +63,7 @@ pub fn random_model(
             randn(&[di, r], (r as f64).powf(-0.5))?,
         );
         // dt ~ logUniform[1e-3, 1e-1]; bias = softplus⁻¹(dt) = dt + log(1 − e^−dt).
-        let u = Tensor::rand(0f32, 1f32, di, device)?;
+        let u = ((randn(&[di], 1.0)?.tanh()? + 1.0)? * 0.5)?;
         let dt = ((u * (0.1f64.ln() - 0.001f64.ln()))? + 0.001f64.ln())?.exp()?;
         let bias = (&dt + (dt.neg()?.exp()?.neg()? + 1.0)?.log()?)?;
         t.insert(format!("{p}.mixer.dt_proj.bias"), bias);
@@ -80,6 +84,40 @@ pub fn random_model(
     let mut cfg = config.clone();
     cfg.format = crate::model::CheckpointFormat::Original;
     MambaModel::new(&cfg, VarBuilder::from_tensors(t, dtype, device))
+}
+
+/// A seeded standard-normal generator (xorshift + Box-Muller), so random benchmark
+/// models are the same on every run and device.
+struct Normal {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed ^ 0x2545_F491_4F6C_DD1D | 1,
+            spare: None,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        ((self.state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f32 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        self.spare = Some((r * t.sin()) as f32);
+        (r * t.cos()) as f32
+    }
 }
 
 /// Peak resident memory since the last [`reset_peak_rss`], in MiB (Linux; `None` elsewhere).

@@ -38,7 +38,17 @@ pub fn main() -> i32 {
     }
 }
 
-/// An error chain flattened onto one line ("outer: inner: cause").
+/// An error chain flattened onto one line ("outer: inner: cause"). Only the first line of
+/// each cause is kept: Candle appends a backtrace when RUST_BACKTRACE is set.
 pub fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        // Wrapped errors often repeat their source's text; keep it once.
+        if !first.is_empty() && !parts.last().is_some_and(|p| p.ends_with(&first)) {
+            parts.push(first);
+        }
+    }
+    parts.join(": ")
 }

@@ -35,12 +35,36 @@ impl Projection {
 impl Module for Projection {
     /// `x`: `[rows, in]` → `[rows, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = linear(x, &self.weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// Rows up to which `x Wᵀ` goes through the streaming matvec kernel (decode steps).
+const MATVEC_MAX_ROWS: usize = 4;
+
+/// `x Wᵀ` for `x` `[rows, in]` and `w` `[out, in]`: a GEMM for prefill, a weight-streaming
+/// matvec for the few rows of a decode step on the CPU in f32.
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if rows <= MATVEC_MAX_ROWS && f32_cpu && w.is_contiguous() {
+        let x = x.contiguous()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let (storage, layout) = w.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            let wv = &all[start..start + w.elem_count()];
+            let y = kernels::matvec(&xv, wv, k);
+            let n = w.dim(0)?;
+            return Tensor::from_vec(y, (rows, n), x.device());
+        }
+    }
+    x.matmul(&w.t()?)
 }
 
 /// Reads one tensor, naming it fully when it is missing or has the wrong shape.
@@ -540,7 +564,7 @@ impl MambaModel {
         let hidden = self.norm_f.forward(&hidden)?.to_dtype(self.dtype)?;
         let logits = hidden
             .reshape((batch * take, self.config.d_model))?
-            .matmul(&self.lm_head.t()?)?
+            .apply(&|x: &Tensor| linear(x, &self.lm_head))?
             .reshape((batch, take, self.config.vocab_size))?
             .to_dtype(DType::F32)?;
         Ok((Some(logits), trace))
