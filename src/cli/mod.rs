@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod common;
+pub mod eval_ppl;
 pub mod generate;
+pub mod passkey;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +20,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from a prompt (argument, --prompt-file, or stdin).
     Generate(generate::GenerateArgs),
+    /// Passkey retrieval over lengths × depths (vanilla, DeciMamba, or both with --compare).
+    Passkey(passkey::PasskeyArgs),
+    /// Sliding-window perplexity vs context length (the paper's PG-19 protocol).
+    EvalPpl(eval_ppl::EvalPplArgs),
     /// Prefill and decode throughput, vanilla and decimated, with peak memory.
     Bench(bench::BenchArgs),
 }
@@ -27,6 +33,8 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Passkey(a) => passkey::run(a),
+        Command::EvalPpl(a) => eval_ppl::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

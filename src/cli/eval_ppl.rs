@@ -1,0 +1,140 @@
+//! `decimamba eval-ppl`: sliding-window perplexity over long documents.
+
+use super::common::{DecimationArgs, ModelArgs};
+use crate::eval::common::{default_out_dir, install_interrupt_flag, parse_lengths};
+use crate::eval::data::{data_files, load_documents, pg19_test_files, DataOptions};
+use crate::eval::ppl::{files, run_ppl, tokenize_documents, PplJob, PplSettings};
+use crate::eval::{Method, RunOptions};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+/// Hub datasets `--dataset` knows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataset {
+    /// The PG-19 test split (emozilla/pg19, else deepmind/pg19), when the hub
+    /// has it as text or jsonl; HF_HUB_OFFLINE=1 reads only the cache.
+    Pg19,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalPplArgs {
+    /// Documents: a .txt file (one document), a .jsonl file (one document per
+    /// line), or a folder of them (optionally .gz).
+    #[arg(
+        long,
+        value_name = "FILE|DIR",
+        required_unless_present = "dataset",
+        conflicts_with = "dataset"
+    )]
+    pub data: Option<PathBuf>,
+    /// A hub dataset instead of --data.
+    #[arg(long, value_enum)]
+    pub dataset: Option<Dataset>,
+    /// The jsonl field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Keep Project Gutenberg headers and footers (stripped by default when present).
+    #[arg(long)]
+    pub keep_gutenberg_boilerplate: bool,
+    /// Skip (with a warning) files that are not UTF-8 instead of failing.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Use at most this many documents (in file order).
+    #[arg(long)]
+    pub max_docs: Option<usize>,
+    /// Context lengths in tokens, comma-separated; k = 1024 (10k = 10240).
+    #[arg(long, default_value = "1k,2k,4k,10k,20k,30k,40k,50k,60k")]
+    pub lengths: String,
+    /// Most windows per document and length.
+    #[arg(long, default_value_t = 10)]
+    pub windows: usize,
+    /// Tokens scored at the end of each window.
+    #[arg(long, default_value_t = 100)]
+    pub pred_len: usize,
+    /// Run vanilla Mamba and DeciMamba on identical windows.
+    #[arg(long)]
+    pub compare: bool,
+    /// Output folder (rerun with the same folder to resume); default: runs/ppl-<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Hide progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decimation: DecimationArgs,
+}
+
+pub fn run(args: EvalPplArgs) -> Result<()> {
+    if args.compare && args.decimation.no_decimation {
+        bail!("--compare already runs vanilla Mamba; drop --no-decimation");
+    }
+    let settings = PplSettings {
+        lengths: parse_lengths(&args.lengths)?,
+        windows: args.windows,
+        pred_len: args.pred_len,
+    };
+    let files_in = match (&args.data, args.dataset) {
+        (Some(p), _) => data_files(p)?,
+        (None, Some(Dataset::Pg19)) => pg19_test_files()?,
+        (None, None) => bail!("give --data FILE|DIR or --dataset pg19"),
+    };
+    let opts = DataOptions {
+        text_field: args.text_field.clone(),
+        strip_gutenberg: !args.keep_gutenberg_boilerplate,
+        skip_invalid: args.skip_invalid,
+    };
+    let mut data = load_documents(&files_in, &opts)?;
+    for w in &data.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = args.max_docs {
+        data.documents.truncate(n);
+    }
+    let model = args.model.load()?;
+    let methods = if args.compare {
+        Method::compare(args.decimation.resolve_or_default(&model)?)
+    } else {
+        vec![Method::from_resolved(args.decimation.resolve(&model)?)]
+    };
+    let docs = tokenize_documents(&model, &data.documents, args.quiet)?;
+    let out = args.out.clone().unwrap_or_else(|| default_out_dir("ppl"));
+    let options = RunOptions {
+        quiet: args.quiet,
+        stop: Some(install_interrupt_flag()),
+    };
+    let job = PplJob {
+        model: &model,
+        docs: &docs,
+        settings: &settings,
+        methods: &methods,
+        out_dir: &out,
+        options: &options,
+    };
+    let report = run_ppl(&job)?;
+    print!("{}", report.table());
+    for c in report.coverage.iter().filter(|c| c.docs_used == 0) {
+        eprintln!(
+            "note: no document has at least {} tokens, so length {} has no perplexity",
+            c.length, c.length
+        );
+    }
+    if !report.complete {
+        bail!(
+            "interrupted after {} windows; they are saved in {} — rerun the same command (with --out {}) to resume",
+            report.windows.len(),
+            out.join(crate::eval::runlog::RESULTS_JSONL).display(),
+            out.display()
+        );
+    }
+    println!(
+        "\nwrote {}, {}, {} and {} in {}",
+        crate::eval::runlog::RESULTS_JSONL,
+        files::RESULTS_JSON,
+        files::SUMMARY_JSON,
+        files::PLOT_PNG,
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `decimamba passkey`: passkey retrieval over a grid of lengths and depths.
+
+use super::common::{DecimationArgs, ModelArgs};
+use crate::eval::common::{default_out_dir, install_interrupt_flag, parse_depths, parse_lengths};
+use crate::eval::passkey::{
+    files, resolve_template, run_passkey, Haystack, PasskeyJob, PasskeySettings,
+};
+use crate::eval::{Method, RunOptions};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct PasskeyArgs {
+    /// Prompt template: a preset (authors, classic, model) or a JSON file
+    /// {"name","prefix","needle","suffix","key_min","key_max"}; default: the
+    /// model's shipped template, else authors.
+    #[arg(long, value_name = "PRESET|FILE")]
+    pub template: Option<String>,
+    /// Haystack text: a .txt file or a folder of .txt files (sorted); default:
+    /// the model's shipped haystack, else the built-in filler.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub haystack: Option<PathBuf>,
+    /// Prompt lengths in tokens, comma-separated (k = 1024: 2k = 2048).
+    #[arg(long, default_value = "1k,2k,4k,8k,16k,32k,64k,128k")]
+    pub lengths: String,
+    /// Needle depths in [0, 1], comma-separated (0 = right after the prefix).
+    #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
+    pub depths: String,
+    /// Samples (random keys and haystack offsets) per length and depth.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Seed of the keys and haystack offsets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens to generate per sample.
+    #[arg(long, default_value_t = 10)]
+    pub max_new_tokens: usize,
+    /// Run vanilla Mamba and DeciMamba on identical prompts.
+    #[arg(long)]
+    pub compare: bool,
+    /// Output folder (rerun with the same folder to resume); default: runs/passkey-<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Hide progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decimation: DecimationArgs,
+}
+
+pub fn run(args: PasskeyArgs) -> Result<()> {
+    if args.compare && args.decimation.no_decimation {
+        bail!("--compare already runs vanilla Mamba; drop --no-decimation");
+    }
+    let settings = PasskeySettings {
+        lengths: parse_lengths(&args.lengths)?,
+        depths: parse_depths(&args.depths)?,
+        samples: args.samples,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+    };
+    let model = args.model.load()?;
+    let template = resolve_template(
+        args.template.as_deref(),
+        model.passkey_template().as_deref(),
+    )?;
+    let haystack = Haystack::choose(
+        args.haystack.as_deref(),
+        &template,
+        model.haystack().as_deref(),
+    )?;
+    let methods = if args.compare {
+        Method::compare(args.decimation.resolve_or_default(&model)?)
+    } else {
+        vec![Method::from_resolved(args.decimation.resolve(&model)?)]
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out_dir("passkey"));
+    let options = RunOptions {
+        quiet: args.quiet,
+        stop: Some(install_interrupt_flag()),
+    };
+    let job = PasskeyJob {
+        model: &model,
+        template: &template,
+        haystack: &haystack,
+        settings: &settings,
+        methods: &methods,
+        out_dir: &out,
+        options: &options,
+    };
+    let report = run_passkey(&job)?;
+    print!("{}", report.grid.table());
+    if !report.complete {
+        bail!(
+            "interrupted after {} samples; they are saved in {} — rerun the same command (with --out {}) to resume",
+            report.samples.len(),
+            out.join(crate::eval::runlog::RESULTS_JSONL).display(),
+            out.display()
+        );
+    }
+    println!(
+        "\nwrote {}, {}, {} and {} in {}",
+        crate::eval::runlog::RESULTS_JSONL,
+        files::RESULTS_JSON,
+        files::SUMMARY_JSON,
+        files::HEATMAP_PNG,
+        out.display()
+    );
+    Ok(())
+}

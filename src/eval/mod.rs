@@ -1,0 +1,66 @@
+//! The paper's evaluations: passkey retrieval and long-context perplexity.
+//!
+//! Evaluations talk to a model only through [`EvalModel`], so they can be
+//! tested with small fake models and run unchanged on any loaded checkpoint.
+
+use crate::decimation::DecimationConfig;
+
+pub mod common;
+pub mod data;
+pub mod passkey;
+pub mod plot;
+pub mod ppl;
+pub mod runlog;
+
+pub use common::{Method, RunOptions};
+
+/// What a greedy generation after one (possibly decimated) prefill returns.
+#[derive(Debug, Clone)]
+pub struct GreedyOutput {
+    /// Newly generated token ids (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Decoded text of `tokens`.
+    pub text: String,
+    /// Wall-clock seconds spent in the prefill.
+    pub prefill_secs: f64,
+    /// Sequence length leaving each decimating layer, in `decimating_layers` order
+    /// (empty without decimation).
+    pub kept_per_layer: Vec<usize>,
+}
+
+/// Negative log-likelihoods of the last `pred_len` tokens of a window.
+#[derive(Debug, Clone)]
+pub struct TailScore {
+    /// One NLL (natural log) per scored token, in position order.
+    pub nll: Vec<f32>,
+    /// Wall-clock seconds spent in the forward pass.
+    pub forward_secs: f64,
+    /// Sequence length leaving each decimating layer (empty without decimation).
+    pub kept_per_layer: Vec<usize>,
+}
+
+/// The model interface the evaluations need.
+pub trait EvalModel {
+    /// Token ids of `text` (no special tokens added).
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>>;
+    /// Text of `ids`.
+    fn decode(&self, ids: &[u32]) -> anyhow::Result<String>;
+    /// Greedy decoding of at most `max_new_tokens` after a prefill of `prompt`
+    /// with decimation (protected tail R = 1); stops at EOS.
+    fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        decimation: Option<&DecimationConfig>,
+    ) -> anyhow::Result<GreedyOutput>;
+    /// NLL of the last `pred_len` tokens of `window`, scored in one forward pass
+    /// with those tokens protected from decimation (R = pred_len + 1).
+    fn score_tail(
+        &self,
+        window: &[u32],
+        pred_len: usize,
+        decimation: Option<&DecimationConfig>,
+    ) -> anyhow::Result<TailScore>;
+    /// A short name for reports (model id or directory).
+    fn name(&self) -> String;
+}
