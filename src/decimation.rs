@@ -93,7 +93,10 @@ impl DecimationConfig {
                 bail!("decimating layer {l} is listed twice");
             }
         }
-        if !(self.decimation_beta > 0.0 && self.decimation_beta <= 1.0) {
+        if self.decimation_beta.is_nan()
+            || self.decimation_beta <= 0.0
+            || self.decimation_beta > 1.0
+        {
             bail!(
                 "decimation beta must be in (0, 1], got {}",
                 self.decimation_beta

@@ -47,7 +47,7 @@ impl GenerateParams {
         if self.top_k == Some(0) {
             bail!("top-k must be at least 1");
         }
-        if !(self.repeat_penalty > 0.0) {
+        if self.repeat_penalty.is_nan() || self.repeat_penalty <= 0.0 {
             bail!(
                 "repeat penalty must be positive, got {}",
                 self.repeat_penalty

@@ -203,7 +203,7 @@ impl MambaConfig {
                 bail!("config value {name} must be positive");
             }
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             bail!(
                 "config norm epsilon must be positive, got {}",
                 self.norm_eps

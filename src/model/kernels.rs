@@ -84,11 +84,13 @@ macro_rules! dispatch_simd {
 macro_rules! simd_variants {
     ($generic:ident, $avx512:ident, $avx2:ident, ($($name:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
         unsafe fn $avx512($($name: $ty),*) -> $ret {
             $generic($($name),*)
         }
         #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $avx2($($name: $ty),*) -> $ret {
             $generic($($name),*)
