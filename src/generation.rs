@@ -20,6 +20,10 @@ pub struct GenerateParams {
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
     pub seed: u64,
+    /// Prefill in chunks of this many tokens (state carried across chunks): memory stays
+    /// bounded by the chunk however long the prompt. Not combinable with decimation, which
+    /// needs Δ of the whole sequence at once.
+    pub prefill_chunk: Option<usize>,
 }
 
 impl GenerateParams {
@@ -32,6 +36,7 @@ impl GenerateParams {
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed: 299792458,
+            prefill_chunk: None,
         }
     }
 
@@ -117,8 +122,19 @@ pub fn generate_traced(
         record_indices,
     };
     let start = Instant::now();
-    let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
-    let mut logits = logits.context("no logits")?.squeeze(0)?.squeeze(0)?;
+    let (mut logits, trace) = match params.prefill_chunk {
+        Some(_) if decimation.is_some() => {
+            bail!("chunked prefill cannot decimate: DeciMamba scores the whole prompt at once")
+        }
+        Some(chunk) => (
+            model.prefill_chunked(&ids, chunk, &mut state)?.squeeze(0)?,
+            DecimationTrace::default(),
+        ),
+        None => {
+            let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
+            (logits.context("no logits")?.squeeze(0)?.squeeze(0)?, trace)
+        }
+    };
     let prefill_secs = start.elapsed().as_secs_f64();
 
     let mut context: Vec<u32> = prompt.to_vec();

@@ -95,6 +95,44 @@ fn generate_streams_text_and_json_agrees() {
 }
 
 #[test]
+fn chunked_prefill_generates_the_same_tokens() {
+    let model = fixture("models/tiny-rms-hf");
+    let tok = char_tokenizer();
+    let prompt = "the pass key is 123. remember it. ".repeat(4);
+    let tokens = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            model.as_str(),
+            "--tokenizer",
+            tok.as_str(),
+            "-n",
+            "8",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        a.push(&prompt);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(tokens(&[]), tokens(&["--prefill-chunk", "7"]));
+    let o = run(&[
+        "generate",
+        "--model",
+        &model,
+        "--tokenizer",
+        &tok,
+        "--prefill-chunk",
+        "7",
+        "--deci-layers",
+        "1",
+        "x",
+    ]);
+    assert_one_line_error(&o, "chunked prefill cannot decimate");
+}
+
+#[test]
 fn generate_reads_prompt_file_and_stdin() {
     let model = fixture("models/tiny-rms-orig");
     let tok = char_tokenizer();

@@ -29,6 +29,10 @@ pub struct GenerateArgs {
     pub repeat_last_n: usize,
     #[arg(long, default_value_t = 299792458)]
     pub seed: u64,
+    /// Prefill in chunks of N tokens with the state carried over: constant memory for very
+    /// long prompts (vanilla only).
+    #[arg(long, value_name = "N")]
+    pub prefill_chunk: Option<usize>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         repeat_penalty: args.repeat_penalty,
         repeat_last_n: args.repeat_last_n,
         seed: args.seed,
+        prefill_chunk: args.prefill_chunk,
     };
     let mut stream = loaded.tokenizer.decode_stream(false);
     let mut stdout = std::io::stdout().lock();
