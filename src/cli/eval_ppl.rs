@@ -11,15 +11,18 @@ use std::path::PathBuf;
 /// Hub datasets `--dataset` knows.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dataset {
-    /// The PG-19 test split (emozilla/pg19, else deepmind/pg19), when the hub
-    /// has it as text or jsonl; HF_HUB_OFFLINE=1 reads only the cache.
+    /// The PG-19 test split (100 books): emozilla/pg19's
+    /// data/test-*.parquet, else deepmind/pg19's parquet export
+    /// (revision refs/convert/parquet), downloaded into the hub cache
+    /// ($HF_HOME/hub) on first use; HF_HUB_OFFLINE=1 reads only the cache.
     Pg19,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct EvalPplArgs {
     /// Documents: a .txt file (one document), a .jsonl file (one document per
-    /// line), or a folder of them (optionally .gz).
+    /// line, optionally .gz), a .parquet file (one document per row, named by
+    /// its short_book_title column when present), or a folder of them.
     #[arg(
         long,
         value_name = "FILE|DIR",
@@ -27,16 +30,17 @@ pub struct EvalPplArgs {
         conflicts_with = "dataset"
     )]
     pub data: Option<PathBuf>,
-    /// A hub dataset instead of --data.
+    /// A hub dataset instead of --data, read from the Hugging Face hub or its
+    /// cache (HF_HUB_OFFLINE=1: the cache only).
     #[arg(long, value_enum)]
     pub dataset: Option<Dataset>,
-    /// The jsonl field holding the text.
+    /// The jsonl field or parquet column holding the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// Keep Project Gutenberg headers and footers (stripped by default when present).
     #[arg(long)]
     pub keep_gutenberg_boilerplate: bool,
-    /// Skip (with a warning) files that are not UTF-8 instead of failing.
+    /// Skip (with a warning) files, or parquet rows, that are not UTF-8 instead of failing.
     #[arg(long)]
     pub skip_invalid: bool,
     /// Use at most this many documents (in file order).

@@ -1,15 +1,19 @@
-//! Documents for the perplexity evaluation: `.txt` files (one document each)
-//! and `.jsonl` files (one document per line), optionally gzipped, with
-//! Project Gutenberg header/footer stripping; and PG19 from the hub cache.
+//! Documents for the perplexity evaluation: `.txt` files (one document each),
+//! `.jsonl` files (one document per line), optionally gzipped, and `.parquet`
+//! files (one document per row), with Project Gutenberg header/footer
+//! stripping; and the PG-19 test split from the Hugging Face hub or its cache.
 
+use crate::hub::HubRepo;
 use anyhow::{bail, Context, Result};
+use hf_hub::{Cache, Repo, RepoType};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// One document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// `file` for a text file, `file:line` for a jsonl line.
+    /// `file` for a text file, `file:line` for a jsonl line, the
+    /// `short_book_title` (else `file:row`) for a parquet row.
     pub name: String,
     /// The text (Gutenberg boilerplate removed when asked).
     pub text: String,
@@ -18,11 +22,11 @@ pub struct Document {
 /// How documents are read.
 #[derive(Debug, Clone)]
 pub struct DataOptions {
-    /// The jsonl field holding the text.
+    /// The jsonl field (or parquet column) holding the text.
     pub text_field: String,
     /// Remove Project Gutenberg headers and footers when present.
     pub strip_gutenberg: bool,
-    /// Warn about and skip files that are not UTF-8 instead of failing.
+    /// Warn about and skip files (or parquet rows) that are not UTF-8 instead of failing.
     pub skip_invalid: bool,
 }
 
@@ -45,15 +49,23 @@ pub struct LoadedData {
     pub warnings: Vec<String>,
 }
 
-const EXTENSIONS: [&str; 4] = [".txt", ".jsonl", ".txt.gz", ".jsonl.gz"];
+const TEXT_EXTENSIONS: [&str; 4] = [".txt", ".jsonl", ".txt.gz", ".jsonl.gz"];
+
+fn is_parquet(name: &str) -> bool {
+    name.to_ascii_lowercase().ends_with(".parquet")
+}
+
+fn has_text_ext(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    TEXT_EXTENSIONS.iter().any(|e| n.ends_with(e))
+}
 
 fn has_data_ext(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    EXTENSIONS.iter().any(|e| n.ends_with(e))
+    has_text_ext(name) || is_parquet(name)
 }
 
 /// The data files of `path`: the file itself, or the `.txt`/`.jsonl` files
-/// (optionally `.gz`) directly inside a folder, sorted by name.
+/// (optionally `.gz`) and `.parquet` files directly inside a folder, sorted by name.
 pub fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
@@ -71,13 +83,12 @@ pub fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
     v.sort();
     if v.is_empty() {
         bail!(
-            "no data: {} has no .txt or .jsonl files (each .txt file is one document, each jsonl line one document)",
+            "no data: {} has no .txt, .jsonl or .parquet files (each .txt file is one document, each jsonl line or parquet row one document)",
             path.display()
         );
     }
     Ok(v)
 }
-
 /// Whether a line is a Gutenberg START (`start = true`) or END marker:
 /// `*** START OF THE PROJECT GUTENBERG EBOOK ...` or `... OF THIS PROJECT ...`,
 /// case-insensitive.
@@ -143,11 +154,24 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-/// Reads documents from `files`. Non-UTF-8 files fail with a one-line error
-/// naming the file, unless `skip_invalid`. Errors when no document results.
+fn clean_text(t: &str, opts: &DataOptions) -> String {
+    if opts.strip_gutenberg {
+        strip_gutenberg(t).to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+/// Reads documents from `files` (`.parquet` by content column, the others as
+/// text). Non-UTF-8 files (or parquet rows) fail with a one-line error naming
+/// the file, unless `skip_invalid`. Errors when no document results.
 pub fn load_documents(files: &[PathBuf], opts: &DataOptions) -> Result<LoadedData> {
     let mut out = LoadedData::default();
     for f in files {
+        if is_parquet(&f.to_string_lossy()) {
+            read_parquet(f, opts, &mut out)?;
+            continue;
+        }
         let bytes = read_bytes(f)?;
         let text = match String::from_utf8(bytes) {
             Ok(t) => t,
@@ -165,13 +189,6 @@ pub fn load_documents(files: &[PathBuf], opts: &DataOptions) -> Result<LoadedDat
             }
         };
         let lower = f.to_string_lossy().to_ascii_lowercase();
-        let clean = |t: &str| -> String {
-            if opts.strip_gutenberg {
-                strip_gutenberg(t).to_string()
-            } else {
-                t.to_string()
-            }
-        };
         if lower.ends_with(".jsonl") || lower.ends_with(".jsonl.gz") {
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
@@ -190,13 +207,13 @@ pub fn load_documents(files: &[PathBuf], opts: &DataOptions) -> Result<LoadedDat
                 };
                 out.documents.push(Document {
                     name: format!("{}:{}", f.display(), i + 1),
-                    text: clean(t),
+                    text: clean_text(t, opts),
                 });
             }
         } else {
             out.documents.push(Document {
                 name: f.display().to_string(),
-                text: clean(&text),
+                text: clean_text(&text, opts),
             });
         }
     }
@@ -211,13 +228,183 @@ pub fn load_documents(files: &[PathBuf], opts: &DataOptions) -> Result<LoadedDat
     Ok(out)
 }
 
-/// Hub datasets tried for `--dataset pg19`, in order.
-pub const PG19_REPOS: [&str; 2] = ["emozilla/pg19", "deepmind/pg19"];
+/// The column holding each PG-19 book's title, used as the document name.
+pub const TITLE_COLUMN: &str = "short_book_title";
 
-/// The test-split files of a dataset listing that decimamba can read
-/// (`.txt`/`.jsonl`, optionally gzipped, with a path part named `test`).
-pub fn pick_test_text_files(names: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = names
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A top-level string (byte-array) column named `name`: `Ok(None)` when the
+/// schema has no such column, an error naming the physical type when it is
+/// not a string.
+fn string_column(
+    schema: &parquet::schema::types::SchemaDescriptor,
+    name: &str,
+) -> std::result::Result<Option<usize>, String> {
+    let Some(i) = (0..schema.num_columns()).find(|&i| {
+        let c = schema.column(i);
+        matches!(c.path().parts(), [only] if only == name)
+    }) else {
+        return Ok(None);
+    };
+    let c = schema.column(i);
+    if c.physical_type() != parquet::basic::Type::BYTE_ARRAY || c.max_rep_level() != 0 {
+        return Err(format!(
+            "column \"{name}\" is not a string column (it holds {}{})",
+            c.physical_type(),
+            if c.max_rep_level() != 0 { " lists" } else { "" }
+        ));
+    }
+    Ok(Some(i))
+}
+
+/// The values of byte-array column `col` in one row group, `None` for nulls.
+fn read_byte_column(
+    rg: &dyn parquet::file::reader::RowGroupReader,
+    col: usize,
+    rows: usize,
+) -> parquet::errors::Result<Vec<Option<parquet::data_type::ByteArray>>> {
+    use parquet::column::reader::get_typed_column_reader;
+    use parquet::data_type::ByteArrayType;
+    let max_def = rg.metadata().column(col).column_descr().max_def_level();
+    let mut reader = get_typed_column_reader::<ByteArrayType>(rg.get_column_reader(col)?);
+    let mut defs = Vec::new();
+    let mut values = Vec::new();
+    let mut out = Vec::with_capacity(rows);
+    while out.len() < rows {
+        defs.clear();
+        values.clear();
+        let (records, _, _) = reader.read_records(
+            rows - out.len(),
+            (max_def > 0).then_some(&mut defs),
+            None,
+            &mut values,
+        )?;
+        if records == 0 {
+            break;
+        }
+        if max_def > 0 {
+            let mut v = values.drain(..);
+            for &d in &defs {
+                out.push(if d == max_def { v.next() } else { None });
+            }
+        } else {
+            out.extend(values.drain(..).map(Some));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a parquet file: one document per row, the text from the string
+/// column `opts.text_field`, named by [`TITLE_COLUMN`] when the file has it
+/// (else `file:row`, rows counted from 1). Null texts are skipped with a
+/// warning; non-UTF-8 texts fail unless `skip_invalid`.
+pub fn read_parquet(path: &Path, opts: &DataOptions, out: &mut LoadedData) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let shown = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {shown}"))?;
+    let pq_err = |e: parquet::errors::ParquetError| {
+        let msg = one_line(&e.to_string());
+        let hint = if msg.contains("Disabled feature") {
+            " (decimamba reads uncompressed, snappy and gzip parquet; rewrite the file with one of those)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{shown} is not a readable parquet file: {msg}{hint}")
+    };
+    let reader = SerializedFileReader::new(file).map_err(pq_err)?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let field = &opts.text_field;
+    let text_col = match string_column(schema, field) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            let cols: Vec<String> = (0..schema.num_columns())
+                .map(|i| schema.column(i).path().string())
+                .collect();
+            bail!(
+                "{shown}: no column \"{field}\" (columns: {}); choose the column with --text-field",
+                cols.join(", ")
+            );
+        }
+        Err(e) => bail!("{shown}: {e}; choose the column with --text-field"),
+    };
+    let title_col = string_column(schema, TITLE_COLUMN).ok().flatten();
+    let mut row = 0usize;
+    for g in 0..reader.num_row_groups() {
+        let rg = reader.get_row_group(g).map_err(pq_err)?;
+        let rows = usize::try_from(rg.metadata().num_rows()).unwrap_or(0);
+        let texts = read_byte_column(&*rg, text_col, rows).map_err(pq_err)?;
+        let titles = match title_col {
+            Some(c) => read_byte_column(&*rg, c, rows).map_err(pq_err)?,
+            None => Vec::new(),
+        };
+        if texts.len() != rows || (title_col.is_some() && titles.len() != rows) {
+            bail!(
+                "{shown} is not a readable parquet file: row group {g} declares {rows} rows but its columns hold {} and {}",
+                texts.len(),
+                titles.len()
+            );
+        }
+        for (i, text) in texts.into_iter().enumerate() {
+            row += 1;
+            let title = titles
+                .get(i)
+                .and_then(Option::as_ref)
+                .and_then(|t| std::str::from_utf8(t.data()).ok())
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+            let at = match title {
+                Some(t) => format!("{shown}:{row} ({t})"),
+                None => format!("{shown}:{row}"),
+            };
+            let Some(text) = text else {
+                out.warnings
+                    .push(format!("skipped {at}: \"{field}\" is null"));
+                continue;
+            };
+            let text = match std::str::from_utf8(text.data()) {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!(
+                        "{at} is not valid UTF-8 (invalid byte at offset {})",
+                        e.valid_up_to()
+                    );
+                    if opts.skip_invalid {
+                        out.warnings.push(format!("skipped {msg}"));
+                        continue;
+                    }
+                    bail!("{msg}; pass --skip-invalid to skip such rows");
+                }
+            };
+            out.documents.push(Document {
+                name: title.map_or_else(|| format!("{shown}:{row}"), str::to_string),
+                text: clean_text(text, opts),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where `--dataset pg19` looks for the PG-19 test split, in order: a hub
+/// dataset and the revision holding its files. emozilla/pg19 keeps
+/// `data/test-00000-of-00001.parquet` on `main`; deepmind/pg19 is a loading
+/// script on `main` and the hub's parquet export at `refs/convert/parquet`.
+pub const PG19_SOURCES: [(&str, &str); 2] = [
+    ("emozilla/pg19", "main"),
+    ("deepmind/pg19", "refs/convert/parquet"),
+];
+
+const PG19_HINT: &str =
+    "pass --data FILE|DIR with the test split as .parquet (a \"text\" column), \
+                         .txt (one book each) or .jsonl (one {\"text\": ...} per line) files";
+
+/// The test-split files of a dataset listing that decimamba reads: the
+/// `.parquet` files with a path part named `test` (`data/test-00000-of-00001.parquet`,
+/// `default/test/0000.parquet`), else such `.txt`/`.jsonl` files (optionally
+/// gzipped); sorted.
+pub fn pick_test_files(names: &[String]) -> Vec<String> {
+    let test: Vec<&String> = names
         .iter()
         .filter(|n| has_data_ext(n))
         .filter(|n| {
@@ -225,108 +412,60 @@ pub fn pick_test_text_files(names: &[String]) -> Vec<String> {
                 .split(['/', '-', '_', '.'])
                 .any(|p| p == "test")
         })
+        .collect();
+    let parquet = test.iter().any(|n| is_parquet(n));
+    let mut v: Vec<String> = test
+        .into_iter()
+        .filter(|n| is_parquet(n) == parquet)
         .cloned()
         .collect();
     v.sort();
     v
 }
 
-fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
-}
-
-const PG19_HINT: &str = "export the PG19 test split to .txt files (one book each) or a .jsonl \
-                         file (one {\"text\": ...} per line) and pass --data FILE|DIR";
-
-/// Local paths of the PG19 test split: from the hub cache only when
-/// `HF_HUB_OFFLINE=1`, else through the hub API. Only plain-text or jsonl
-/// layouts are supported (parquet needs a reader this build lacks); anything
-/// else fails with a message saying to pass `--data`.
-pub fn pg19_test_files() -> Result<Vec<PathBuf>> {
-    if hub_offline() {
-        return pg19_from_cache(&hf_hub::Cache::from_env());
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .context("cannot set up the Hugging Face hub client")?;
-    let mut reasons = Vec::new();
-    for id in PG19_REPOS {
-        let repo = api.repo(hf_hub::Repo::new(id.to_string(), hf_hub::RepoType::Dataset));
-        let info = match repo.info() {
-            Ok(i) => i,
-            Err(e) => {
-                reasons.push(format!("{id}: {e}"));
-                continue;
-            }
-        };
-        let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        let picked = pick_test_text_files(&names);
-        if picked.is_empty() {
-            reasons.push(format!("{id}: {}", describe_layout(&names)));
-            continue;
-        }
-        let mut paths = Vec::new();
-        for n in &picked {
-            paths.push(
-                repo.get(n)
-                    .with_context(|| format!("cannot download {n} from {id}"))?,
-            );
-        }
-        return Ok(paths);
-    }
-    bail!(
-        "cannot read PG19 from the hub ({}); {PG19_HINT}",
-        reasons.join("; ")
-    )
-}
-
 fn describe_layout(names: &[String]) -> String {
-    if let Some(p) = names
-        .iter()
-        .find(|n| n.ends_with(".parquet") && n.contains("test"))
-    {
-        format!("the test split is only parquet ({p}), which this build cannot read")
-    } else if names.iter().any(|n| n.ends_with(".py")) {
-        "only a loading script, the books are hosted elsewhere".to_string()
+    if names.is_empty() {
+        "no files".to_string()
+    } else if names.iter().any(|n| n.ends_with(".py")) && !names.iter().any(|n| has_data_ext(n)) {
+        "only a loading script (the books are hosted elsewhere)".to_string()
     } else {
-        "no plain-text or jsonl test files".to_string()
+        format!(
+            "no test-split .parquet, .txt or .jsonl file among {} files",
+            names.len()
+        )
     }
 }
 
-/// PG19 test files already in the hub cache `cache` (for `HF_HUB_OFFLINE=1`).
-pub fn pg19_from_cache(cache: &hf_hub::Cache) -> Result<Vec<PathBuf>> {
-    let mut reasons = Vec::new();
-    for id in PG19_REPOS {
-        let repo_dir = cache
-            .path()
-            .join(format!("datasets--{}", id.replace('/', "--")));
-        let Ok(commit) = std::fs::read_to_string(repo_dir.join("refs").join("main")) else {
-            reasons.push(format!("{id}: not cached"));
-            continue;
-        };
-        let snap = repo_dir.join("snapshots").join(commit.trim());
-        let mut names = Vec::new();
-        list_files(&snap, &snap, &mut names);
-        let picked = pick_test_text_files(&names);
-        if picked.is_empty() {
-            reasons.push(format!("{id}: {}", describe_layout(&names)));
-            continue;
-        }
-        return Ok(picked.iter().map(|n| snap.join(n)).collect());
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The snapshot folder of dataset `id` at `revision` in the hub cache and its
+/// files (relative, `/`-separated, sorted); or why there is none.
+fn list_cached(
+    cache: &Cache,
+    id: &str,
+    revision: &str,
+) -> std::result::Result<(PathBuf, Vec<String>), String> {
+    let folder =
+        Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()).folder_name();
+    let repo_dir = cache.path().join(&folder);
+    let ref_name = format!("{folder}/refs/{revision}");
+    let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) if is_commit(revision) => revision.to_string(),
+        Err(_) => return Err(format!("not cached (no {ref_name})")),
+    };
+    let snap = repo_dir.join("snapshots").join(&commit);
+    if !snap.is_dir() {
+        return Err(format!(
+            "not cached ({ref_name} names commit {commit}, which has no snapshot folder)"
+        ));
     }
-    bail!(
-        "HF_HUB_OFFLINE=1 and the hub cache {} has no readable PG19 test split ({}); {PG19_HINT}",
-        cache.path().display(),
-        reasons.join("; ")
-    )
+    let mut names = Vec::new();
+    list_files(&snap, &snap, &mut names);
+    names.sort();
+    Ok((snap, names))
 }
 
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -337,10 +476,108 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
         let p = e.path();
         if p.is_dir() {
             list_files(root, &p, out);
-        } else if let Ok(rel) = p.strip_prefix(root) {
-            out.push(rel.to_string_lossy().replace('\\', "/"));
+        } else if p.is_file() {
+            // Snapshot entries are links into blobs/; a dangling one (an
+            // interrupted download) is left out.
+            if let Ok(rel) = p.strip_prefix(root) {
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
         }
     }
+}
+
+/// A hub client on `cache`, configured like [`HubRepo`]'s downloads
+/// (`HF_TOKEN` or the cache's token, `HF_ENDPOINT`).
+fn hub_api(cache: &Cache) -> Result<hf_hub::api::sync::Api> {
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_token(token)
+        .with_progress(true);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        if !endpoint.is_empty() {
+            builder = builder.with_endpoint(endpoint);
+        }
+    }
+    builder
+        .build()
+        .context("cannot set up the Hugging Face hub client")
+}
+
+/// Local paths of the PG-19 test split (see [`pg19_test_files_in`]) with the
+/// hub cache and `HF_HUB_OFFLINE` from the environment.
+pub fn pg19_test_files() -> Result<Vec<PathBuf>> {
+    pg19_test_files_in(
+        &crate::hub::cache_from_env(),
+        crate::hub::offline_from_env(),
+    )
+}
+
+/// Local paths of the PG-19 test split: for each of [`PG19_SOURCES`] in
+/// turn, the files that [`pick_test_files`] picks from the hub's listing of
+/// that revision, downloaded into `cache` unless already there; when
+/// `offline`, or when the hub cannot be reached, from the listing of the
+/// cached snapshot instead. Fails with one line naming what was looked for,
+/// where, and `--data`.
+pub fn pg19_test_files_in(cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> {
+    let api = if offline { None } else { Some(hub_api(cache)?) };
+    let mut reasons = Vec::new();
+    for (id, revision) in PG19_SOURCES {
+        let label = format!("{id} at {revision}");
+        let mut hub_error = None;
+        if let Some(api) = &api {
+            let repo = Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string());
+            match api.repo(repo).info() {
+                Ok(info) => {
+                    let names: Vec<String> =
+                        info.siblings.into_iter().map(|s| s.rfilename).collect();
+                    let picked = pick_test_files(&names);
+                    if picked.is_empty() {
+                        reasons.push(format!("{label}: {} on the hub", describe_layout(&names)));
+                        continue;
+                    }
+                    let hub = HubRepo::new(id, revision, RepoType::Dataset)
+                        .with_cache(cache.clone(), false);
+                    return picked.iter().map(|n| hub.require(n)).collect();
+                }
+                Err(e) => hub_error = Some(one_line(&e.to_string())),
+            }
+        }
+        let cached = match list_cached(cache, id, revision) {
+            Ok((snap, names)) => {
+                let picked = pick_test_files(&names);
+                if !picked.is_empty() {
+                    return Ok(picked.iter().map(|n| snap.join(n)).collect());
+                }
+                format!("cached snapshot has {}", describe_layout(&names))
+            }
+            Err(why) => why,
+        };
+        reasons.push(match hub_error {
+            Some(e) => format!("{label}: hub listing failed ({e}), {cached}"),
+            None => format!("{label}: {cached}"),
+        });
+    }
+    let (place, retry) = if offline {
+        (
+            format!(
+                "in the hub cache {} (HF_HUB_OFFLINE is set)",
+                cache.path().display()
+            ),
+            "unset HF_HUB_OFFLINE to download it, or ",
+        )
+    } else {
+        (
+            format!("on the hub or in its cache {}", cache.path().display()),
+            "",
+        )
+    };
+    bail!(
+        "no PG-19 test split {place}; looked for test-split .parquet, .txt or .jsonl files of {}; {retry}{PG19_HINT}",
+        reasons.join("; ")
+    )
 }
 
 #[cfg(test)]
@@ -369,42 +606,333 @@ mod tests {
 
     #[test]
     fn test_split_files_are_picked() {
-        let names: Vec<String> = [
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+        let listing = names(&[
             "README.md",
             "data/test-00000-of-00001.parquet",
+            "data/train-00000-of-00014.parquet",
             "data/test/0001.txt",
             "test.jsonl.gz",
             "train.jsonl",
             "latest.txt",
             "pg19.py",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
+        // Parquet first: a repo holding both has the same split twice.
         assert_eq!(
-            pick_test_text_files(&names),
+            pick_test_files(&listing),
+            vec!["data/test-00000-of-00001.parquet"]
+        );
+        assert_eq!(
+            pick_test_files(&listing[3..]),
             vec!["data/test/0001.txt", "test.jsonl.gz"]
         );
-        assert!(describe_layout(&names[..2]).contains("parquet"));
+        // The hub's parquet export layouts.
+        let export = names(&[
+            "default/train/0000.parquet",
+            "default/test/0000.parquet",
+            "default/validation/0000.parquet",
+        ]);
+        assert_eq!(pick_test_files(&export), vec!["default/test/0000.parquet"]);
+        assert_eq!(
+            pick_test_files(&names(&[
+                "default/pg19-test.parquet",
+                "default/pg19-train.parquet"
+            ])),
+            vec!["default/pg19-test.parquet"]
+        );
+        assert!(describe_layout(&names(&["pg19.py", "README.md"])).contains("loading script"));
+        assert!(describe_layout(&listing[..1]).contains("no test-split"));
+    }
+
+    type Column<'a> = Vec<Option<&'a [u8]>>;
+
+    /// Writes a parquet file of optional byte-array columns: `groups[g][c]`
+    /// holds column c of row group g.
+    fn write_parquet(path: &Path, schema: &str, groups: &[Vec<Column>]) {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+        let props = WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let file = std::fs::File::create(path).unwrap();
+        let mut w = SerializedFileWriter::new(file, schema, Arc::new(props)).unwrap();
+        for g in groups {
+            let mut rg = w.next_row_group().unwrap();
+            for col in g {
+                let mut c = rg.next_column().unwrap().unwrap();
+                let defs: Vec<i16> = col.iter().map(|v| i16::from(v.is_some())).collect();
+                let vals: Vec<ByteArray> = col
+                    .iter()
+                    .flatten()
+                    .map(|v| ByteArray::from(v.to_vec()))
+                    .collect();
+                c.typed::<ByteArrayType>()
+                    .write_batch(&vals, Some(&defs), None)
+                    .unwrap();
+                c.close().unwrap();
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    const PG19_SCHEMA: &str = "message schema {
+        optional binary short_book_title (UTF8);
+        optional binary text (UTF8);
+    }";
+
+    #[test]
+    fn parquet_rows_become_documents() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("test-00000-of-00001.parquet");
+        let boiler = b"hdr\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody three.\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicense";
+        write_parquet(
+            &f,
+            PG19_SCHEMA,
+            &[
+                vec![
+                    vec![Some(&b"Book One"[..]), None, Some(&b"  "[..])],
+                    vec![Some(&b"one"[..]), Some(&b"two"[..]), Some(&boiler[..])],
+                ],
+                vec![
+                    vec![
+                        Some(&b"Null Book"[..]),
+                        Some(&b"Bad Book"[..]),
+                        Some(&b"Last"[..]),
+                    ],
+                    vec![None, Some(&b"caf\xe9"[..]), Some(&b"four"[..])],
+                ],
+            ],
+        );
+        let shown = f.display().to_string();
+        let e = load_documents(std::slice::from_ref(&f), &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!("{shown}:5 (Bad Book) is not valid UTF-8 (invalid byte at offset 3); pass --skip-invalid to skip such rows")
+        );
+        let opts = DataOptions {
+            skip_invalid: true,
+            ..Default::default()
+        };
+        let l = load_documents(std::slice::from_ref(&f), &opts).unwrap();
+        let got: Vec<(&str, &str)> = l
+            .documents
+            .iter()
+            .map(|d| (d.name.as_str(), d.text.as_str()))
+            .collect();
+        let (row2, row3) = (format!("{shown}:2"), format!("{shown}:3"));
+        assert_eq!(
+            got,
+            vec![
+                ("Book One", "one"),
+                (row2.as_str(), "two"),
+                (row3.as_str(), "Body three."),
+                ("Last", "four"),
+            ]
+        );
+        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+        assert!(l.warnings[0].contains(":4 (Null Book): \"text\" is null"));
+        assert!(l.warnings[1].contains(":5 (Bad Book) is not valid UTF-8"));
+        // Boilerplate kept on request; a folder picks the file up.
+        let kept = DataOptions {
+            strip_gutenberg: false,
+            skip_invalid: true,
+            ..Default::default()
+        };
+        let files = data_files(d.path()).unwrap();
+        assert_eq!(files, vec![f.clone()]);
+        let l = load_documents(&files, &kept).unwrap();
+        assert_eq!(l.documents[2].text.as_bytes(), &boiler[..]);
+    }
+
+    #[test]
+    fn parquet_errors_are_one_line() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("books.parquet");
+        write_parquet(
+            &f,
+            "message schema { optional binary title (UTF8); optional binary body (UTF8); }",
+            &[vec![vec![Some(&b"T"[..])], vec![Some(&b"the body"[..])]]],
+        );
+        let e = load_documents(std::slice::from_ref(&f), &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no column \"text\" (columns: title, body)") && e.contains("--text-field"),
+            "{e}"
+        );
+        let body = DataOptions {
+            text_field: "body".into(),
+            ..Default::default()
+        };
+        let l = load_documents(std::slice::from_ref(&f), &body).unwrap();
+        assert_eq!(l.documents[0].text, "the body");
+        assert!(l.documents[0].name.ends_with("books.parquet:1"));
+
+        let ints = d.path().join("ints.parquet");
+        write_parquet(&ints, "message schema { required int32 text; }", &[]);
+        let e = load_documents(std::slice::from_ref(&ints), &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"text\" is not a string column (it holds INT32)"),
+            "{e}"
+        );
+
+        let empty = d.path().join("empty.parquet");
+        write_parquet(&empty, PG19_SCHEMA, &[]);
+        let e = load_documents(std::slice::from_ref(&empty), &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no data"), "{e}");
+
+        // A codec left out of this build (the fixture is written by pyarrow).
+        let zstd =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pg19/zstd-codec.parquet");
+        let e = load_documents(&[zstd], &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zstd-codec.parquet is not a readable parquet file")
+                && e.contains("zstd")
+                && e.contains("reads uncompressed, snappy and gzip parquet")
+                && !e.contains('\n'),
+            "{e}"
+        );
+
+        let junk = d.path().join("junk.parquet");
+        std::fs::write(&junk, "not parquet at all, just some text\nwith two lines").unwrap();
+        let e = load_documents(&[junk], &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("junk.parquet is not a readable parquet file"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    /// The pyarrow-written fixture (scripts/make_pg19_fixture.py): three books
+    /// in two snappy row groups that are, in order, the whole excerpt.
+    #[test]
+    fn pg19_fixture_reads_back() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let f = root.join("pg19/test-00000-of-00001.parquet");
+        let source = std::fs::read_to_string(root.join("text/austen-excerpt.txt")).unwrap();
+        let opts = DataOptions {
+            strip_gutenberg: false,
+            ..Default::default()
+        };
+        let l = load_documents(&[f], &opts).unwrap();
+        let names: Vec<&str> = l.documents.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "Pride and Prejudice, chapters 1-2",
+                "Pride and Prejudice, chapters 3-4",
+                "Pride and Prejudice, chapters 5-6"
+            ]
+        );
+        assert!(l.documents[1].text.starts_with("Chapter 3\n"));
+        let joined: String = l.documents.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(joined, source);
+        assert!(l.warnings.is_empty());
+    }
+
+    /// Lays out `datasets--{id}` in a hub cache at `revision` with `files`.
+    fn cache_snapshot(cache: &Path, id: &str, revision: &str, commit: &str, files: &[&str]) {
+        let repo = cache.join(format!("datasets--{}", id.replace('/', "--")));
+        let refs = repo.join("refs").join(revision);
+        std::fs::create_dir_all(refs.parent().unwrap()).unwrap();
+        std::fs::write(refs, commit).unwrap();
+        for f in files {
+            let p = repo.join("snapshots").join(commit).join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "x").unwrap();
+        }
     }
 
     #[test]
     fn pg19_cache_lookup() {
         let d = tempfile::tempdir().unwrap();
-        let cache = hf_hub::Cache::new(d.path().to_path_buf());
-        let e = pg19_from_cache(&cache).unwrap_err().to_string();
-        assert!(e.contains("--data") && e.contains("not cached"), "{e}");
-        let repo = d.path().join("datasets--emozilla--pg19");
-        std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs/main"), "abc\n").unwrap();
-        let snap = repo.join("snapshots/abc/data");
-        std::fs::create_dir_all(&snap).unwrap();
-        std::fs::write(snap.join("test-00000-of-00001.parquet"), "x").unwrap();
-        let e = pg19_from_cache(&cache).unwrap_err().to_string();
-        assert!(e.contains("parquet") && e.contains("--data"), "{e}");
-        std::fs::write(snap.join("test.jsonl"), "{\"text\":\"hi\"}\n").unwrap();
-        let files = pg19_from_cache(&cache).unwrap();
-        assert_eq!(files, vec![repo.join("snapshots/abc/data/test.jsonl")]);
+        let cache = Cache::new(d.path().to_path_buf());
+        let e = pg19_test_files_in(&cache, true).unwrap_err().to_string();
+        let shown = d.path().display().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "no PG-19 test split in the hub cache {shown} (HF_HUB_OFFLINE is set); looked for"
+            )),
+            "{e}"
+        );
+        for part in [
+            "emozilla/pg19 at main: not cached (no datasets--emozilla--pg19/refs/main)",
+            "deepmind/pg19 at refs/convert/parquet: not cached (no datasets--deepmind--pg19/refs/refs/convert/parquet)",
+            "unset HF_HUB_OFFLINE",
+            "--data FILE|DIR",
+        ] {
+            assert!(e.contains(part), "missing {part:?} in {e}");
+        }
+
+        // deepmind/pg19's parquet export at refs/convert/parquet.
+        cache_snapshot(d.path(), "emozilla/pg19", "main", "c1", &["README.md"]);
+        cache_snapshot(
+            d.path(),
+            "deepmind/pg19",
+            "refs/convert/parquet",
+            "c2",
+            &["default/test/0000.parquet", "default/train/0000.parquet"],
+        );
+        let files = pg19_test_files_in(&cache, true).unwrap();
+        assert_eq!(
+            files,
+            vec![d
+                .path()
+                .join("datasets--deepmind--pg19/snapshots/c2/default/test/0000.parquet")]
+        );
+
+        // emozilla/pg19 comes first once it has the split.
+        cache_snapshot(
+            d.path(),
+            "emozilla/pg19",
+            "main",
+            "c1",
+            &[
+                "data/test-00000-of-00001.parquet",
+                "data/validation-00000-of-00001.parquet",
+            ],
+        );
+        let files = pg19_test_files_in(&cache, true).unwrap();
+        assert_eq!(
+            files,
+            vec![d
+                .path()
+                .join("datasets--emozilla--pg19/snapshots/c1/data/test-00000-of-00001.parquet")]
+        );
+
+        // Text layouts still count; a ref without its snapshot is reported.
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::new(t.path().to_path_buf());
+        cache_snapshot(t.path(), "emozilla/pg19", "main", "c3", &["test.jsonl"]);
+        std::fs::remove_dir_all(t.path().join("datasets--emozilla--pg19/snapshots")).unwrap();
+        let e = pg19_test_files_in(&cache, true).unwrap_err().to_string();
+        assert!(
+            e.contains("names commit c3, which has no snapshot folder"),
+            "{e}"
+        );
+        cache_snapshot(t.path(), "emozilla/pg19", "main", "c3", &["test.jsonl"]);
+        let files = pg19_test_files_in(&cache, true).unwrap();
+        assert_eq!(
+            files,
+            vec![t
+                .path()
+                .join("datasets--emozilla--pg19/snapshots/c3/test.jsonl")]
+        );
     }
 
     #[test]
@@ -466,7 +994,7 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let e = data_files(empty.path()).unwrap_err().to_string();
         assert!(
-            e.contains("no data") && e.contains("no .txt or .jsonl"),
+            e.contains("no data") && e.contains("no .txt, .jsonl or .parquet"),
             "{e}"
         );
         assert!(data_files(&empty.path().join("missing")).is_err());

@@ -322,7 +322,7 @@ mod tests {
         let err = |s: &str| MambaConfig::from_json_str(s).unwrap_err().to_string();
         assert!(err("{").contains("not valid JSON"));
         assert!(err(r#"{"foo": 1}"#).contains("neither"));
-        assert!(err(r#"{"d_model": 8}"#).contains("missing `n_layer`"));
+        assert!(err(r#"{"d_model": 8, "vocab_size": 8}"#).contains("missing `n_layer`"));
         assert!(err(r#"{"d_model": "x", "n_layer": 1, "vocab_size": 8}"#).contains("`d_model`"));
         assert!(err(r#"{"model_type": "mamba2", "hidden_size": 8}"#).contains("mamba2"));
         assert!(err(r#"{"d_model": 8, "n_layer": 0, "vocab_size": 8}"#)
