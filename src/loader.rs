@@ -309,8 +309,8 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
 pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> Result<MambaModel> {
     let config = MambaConfig::from_json_str(&files.config_json)
         .with_context(|| format!("model {}", files.name))?;
-    if !device.is_cpu() {
-        bail!("--device {device:?}: the Mamba kernels of this build run on the CPU only");
+    if !(device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())) {
+        bail!("--device {device:?}: the Mamba kernels of this build run on the CPU and CUDA only");
     }
     let vb = match &files.weights {
         WeightFiles::Safetensors(paths) => {

@@ -7,6 +7,9 @@
 
 use super::config::MambaConfig;
 use super::kernels::{self, ConvInput, ScanInputs};
+#[cfg(feature = "cuda")]
+#[path = "cuda.rs"]
+mod cuda;
 use crate::decimation::{select_tokens, DecimationConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -118,13 +121,15 @@ impl Module for Norm {
     }
 }
 
-/// Recurrent state of one layer between calls.
+/// Recurrent state of one layer between calls, kept where the model runs: host vectors
+/// the CPU kernels update in place, or f32 tensors that stay on the GPU.
+///
+/// `conv` holds the `d_conv − 1` most recent mixer inputs (pre-conv x),
+/// `[batch, d_conv−1, d_inner]`; `ssm` the SSM state h, `[batch, d_inner, d_state]`.
 #[derive(Debug, Clone)]
-pub struct LayerState {
-    /// The `d_conv − 1` most recent mixer inputs (pre-conv x), `[batch, d_conv−1, d_inner]`.
-    pub conv: Vec<f32>,
-    /// SSM state h, `[batch, d_inner, d_state]`.
-    pub ssm: Vec<f32>,
+pub enum LayerState {
+    Host { conv: Vec<f32>, ssm: Vec<f32> },
+    Device { conv: Tensor, ssm: Tensor },
 }
 
 /// Recurrent state of the whole model: what prefill hands to decoding.
@@ -217,6 +222,9 @@ struct Mixer {
     d_state: usize,
     d_conv: usize,
     dt_rank: usize,
+    /// The same constants as f32 tensors on the GPU, for the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    gpu: Option<cuda::MixerParams>,
 }
 
 fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -264,6 +272,26 @@ impl Mixer {
             vec![0f32; di]
         };
         let a_log = to_vec_f32(&get(&f32_vb, (di, n), "A_log")?)?;
+        let a: Vec<f32> = a_log.iter().map(|v| -v.exp()).collect();
+        let dt_bias = to_vec_f32(&get(&f32_vb.pp("dt_proj"), di, "bias")?)?;
+        let d_skip = to_vec_f32(&get(&f32_vb, di, "D")?)?;
+        #[cfg(feature = "cuda")]
+        let gpu = match vb.device() {
+            dev @ Device::Cuda(_) => {
+                if k < 2 {
+                    bail!("the CUDA kernels need d_conv ≥ 2 (got {k})");
+                }
+                Some(cuda::MixerParams {
+                    conv_weight_t: Tensor::from_slice(&conv_weight_t, (k, di), dev)?,
+                    conv_bias: Tensor::from_slice(&conv_bias, di, dev)?,
+                    dt_bias: Tensor::from_slice(&dt_bias, di, dev)?,
+                    a: Tensor::from_slice(&a, (di, n), dev)?,
+                    d_skip: Tensor::from_slice(&d_skip, di, dev)?,
+                    d_state: n,
+                })
+            }
+            _ => None,
+        };
         Ok(Self {
             in_proj: Projection::load(&vb.pp("in_proj"), 2 * di, d, cfg.bias)?,
             x_proj: Projection::load(&vb.pp("x_proj"), r + 2 * n, di, false)?,
@@ -271,13 +299,15 @@ impl Mixer {
             out_proj: Projection::load(&vb.pp("out_proj"), d, di, cfg.bias)?,
             conv_weight_t,
             conv_bias,
-            dt_bias: to_vec_f32(&get(&f32_vb.pp("dt_proj"), di, "bias")?)?,
-            a: a_log.iter().map(|v| -v.exp()).collect(),
-            d_skip: to_vec_f32(&get(&f32_vb, di, "D")?)?,
+            dt_bias,
+            a,
+            d_skip,
             d_inner: di,
             d_state: n,
             d_conv: k,
             dt_rank: r,
+            #[cfg(feature = "cuda")]
+            gpu,
         })
     }
 
@@ -287,6 +317,114 @@ impl Mixer {
         &self,
         h: &Tensor,
         state: &mut LayerState,
+        decimation: Option<DecimationStep>,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        match state {
+            LayerState::Host { conv, ssm } => self.forward_host(h, conv, ssm, decimation),
+            LayerState::Device { conv, ssm } => self.forward_device(h, conv, ssm, decimation),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn forward_device(
+        &self,
+        h: &Tensor,
+        _conv: &mut Tensor,
+        _ssm: &mut Tensor,
+        _decimation: Option<DecimationStep>,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        bail!(
+            "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature)",
+            h.device()
+        )
+    }
+
+    /// The mixer on the GPU: candle matmuls (cuBLAS) around the CUDA kernels of
+    /// `cuda.rs`; every tensor stays on the device. Decimation computes ‖Δ_t‖₂ on the GPU
+    /// and copies only those L scores to the host for the top-K choice.
+    #[cfg(feature = "cuda")]
+    fn forward_device(
+        &self,
+        h: &Tensor,
+        conv: &mut Tensor,
+        ssm: &mut Tensor,
+        decimation: Option<DecimationStep>,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        let Some(p) = &self.gpu else {
+            bail!("no Mamba kernels for {:?} (CPU and CUDA only)", h.device());
+        };
+        let (batch, len, d_model) = h.dims3()?;
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let dtype = h.dtype();
+        let xz = self
+            .in_proj
+            .forward(&h.reshape((batch * len, d_model))?)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let (x_conv, window) = cuda::conv_silu(&xz, conv, p, batch, len)?;
+        *conv = window;
+        let dbc = self.x_proj.forward(&x_conv.to_dtype(dtype)?)?;
+        let dt = dbc
+            .narrow(1, 0, r)?
+            .contiguous()?
+            .matmul(&self.dt_proj_weight.t()?)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let delta = cuda::softplus_bias(&dt, p)?;
+        let dbc = dbc.to_dtype(DType::F32)?.contiguous()?;
+
+        let mut kept = None;
+        let (mut x_conv, mut delta, mut dbc, mut xz, mut scan_len) = (x_conv, delta, dbc, xz, len);
+        if let Some(step) = decimation {
+            if batch != 1 {
+                bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
+            }
+            let budget = step.cfg.budget(step.rank, len, step.protected_tail);
+            // ‖Δ_t‖₂ per token on the GPU; select_tokens on one-column rows gets the same
+            // scores back (√(s²) = s exactly in f64) and breaks ties as on the CPU.
+            let scores = delta
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if let Some(idx) = select_tokens(&scores, 1, budget, step.protected_tail) {
+                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), h.device())?;
+                x_conv = x_conv.index_select(&idx_t, 0)?;
+                delta = delta.index_select(&idx_t, 0)?;
+                dbc = dbc.index_select(&idx_t, 0)?;
+                xz = xz.index_select(&idx_t, 0)?;
+                scan_len = idx.len();
+                kept = Some(idx);
+            }
+        }
+        let args = cuda::ScanArgs {
+            batch,
+            len: scan_len,
+            x: &x_conv,
+            delta: &delta,
+            bc: &dbc,
+            b_offset: r,
+            c_offset: r + n,
+            z: &xz,
+            z_offset: di,
+            h0: ssm,
+        };
+        let (y, h1) = cuda::selective_scan(&args, p)?;
+        *ssm = h1;
+        let out = self
+            .out_proj
+            .forward(&y.to_dtype(dtype)?)?
+            .reshape((batch, scan_len, d_model))?;
+        Ok((out, kept))
+    }
+
+    /// The mixer on the CPU kernels of `kernels.rs`, state updated in place.
+    fn forward_host(
+        &self,
+        h: &Tensor,
+        conv_state: &mut [f32],
+        ssm_state: &mut [f32],
         decimation: Option<DecimationStep>,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         let (batch, len, d_model) = h.dims3()?;
@@ -304,13 +442,13 @@ impl Mixer {
                 batch_stride: len * 2 * di,
                 row_stride: 2 * di,
             },
-            &state.conv,
+            conv_state,
             &self.conv_weight_t,
             &self.conv_bias,
             batch,
             len,
         );
-        self.update_conv_window(&xz_vec, batch, len, state);
+        self.update_conv_window(&xz_vec, batch, len, conv_state);
 
         // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias).
         let x_conv_t = Tensor::from_slice(&x_conv, (batch * len, di), &device)?.to_dtype(dtype)?;
@@ -359,7 +497,7 @@ impl Mixer {
             a: &self.a,
             d_skip: &self.d_skip,
         };
-        let y = kernels::selective_scan(&inputs, &mut state.ssm);
+        let y = kernels::selective_scan(&inputs, ssm_state);
         debug_assert_eq!(k, self.d_conv);
         let y = Tensor::from_vec(y, (batch * scan_len, di), &device)?.to_dtype(dtype)?;
         let out = self
@@ -371,13 +509,13 @@ impl Mixer {
 
     /// Keeps the last `d_conv − 1` pre-conv inputs of this layer's full input for the next
     /// call (the reference takes decode's conv state from the undecimated sequence too).
-    fn update_conv_window(&self, xz: &[f32], batch: usize, len: usize, state: &mut LayerState) {
+    fn update_conv_window(&self, xz: &[f32], batch: usize, len: usize, conv: &mut [f32]) {
         let (di, w) = (self.d_inner, self.d_conv - 1);
         if w == 0 {
             return;
         }
         for b in 0..batch {
-            let hist = &mut state.conv[b * w * di..(b + 1) * w * di];
+            let hist = &mut conv[b * w * di..(b + 1) * w * di];
             let mut window: Vec<f32> = hist.to_vec();
             for t in len.saturating_sub(w)..len {
                 let row = (b * len + t) * 2 * di;
@@ -470,17 +608,33 @@ impl MambaModel {
         self.dtype
     }
 
-    /// A fresh (all-zero) recurrent state for `batch` sequences.
+    /// A fresh (all-zero) recurrent state for `batch` sequences, on the model's device.
+    ///
+    /// # Panics
+    /// If the device cannot allocate the (small) state tensors.
     pub fn new_state(&self, batch: usize) -> InferenceState {
         let c = &self.config;
+        let (w, di, n) = (c.d_conv - 1, c.d_inner, c.d_state);
+        let layer = || {
+            if self.device.is_cpu() {
+                LayerState::Host {
+                    conv: vec![0f32; batch * w * di],
+                    ssm: vec![0f32; batch * di * n],
+                }
+            } else {
+                let zeros = |shape: (usize, usize, usize)| {
+                    Tensor::zeros(shape, DType::F32, &self.device)
+                        .expect("cannot allocate the recurrent state on the device")
+                };
+                LayerState::Device {
+                    conv: zeros((batch, w, di)),
+                    ssm: zeros((batch, di, n)),
+                }
+            }
+        };
         InferenceState {
             batch,
-            layers: (0..c.n_layer)
-                .map(|_| LayerState {
-                    conv: vec![0f32; batch * (c.d_conv - 1) * c.d_inner],
-                    ssm: vec![0f32; batch * c.d_inner * c.d_state],
-                })
-                .collect(),
+            layers: (0..c.n_layer).map(|_| layer()).collect(),
             seen_tokens: 0,
         }
     }
@@ -556,7 +710,12 @@ impl MambaModel {
         state.seen_tokens += len;
         let out_len = residual.dim(1)?;
         let take = match opts.logits {
-            LogitsSpan::None => return Ok((None, trace)),
+            LogitsSpan::None => {
+                // GPU work is queued asynchronously: return when it is done, so that
+                // callers' timings and chunked prefills see finished work.
+                self.device.synchronize()?;
+                return Ok((None, trace));
+            }
             LogitsSpan::All => out_len,
             LogitsSpan::Last(n) => n.min(out_len),
         };
@@ -567,6 +726,7 @@ impl MambaModel {
             .apply(&|x: &Tensor| linear(x, &self.lm_head))?
             .reshape((batch, take, self.config.vocab_size))?
             .to_dtype(DType::F32)?;
+        self.device.synchronize()?;
         Ok((Some(logits), trace))
     }
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The CUDA gate: run ON a GPU machine (an H200 here) with the binaries that
+# scripts/build-cuda.sh built and copied into .gpu/ (gitignored):
+#   .gpu/decimamba.xz   the CLI, built with --features cuda (stripped, xz-compressed)
+#   .gpu/gpu-tests.xz   the tests/gpu.rs test binary
+# It finds the CUDA 13 libraries, runs the GPU tests (CUDA vs CPU vs fixtures), then the
+# benchmarks, writing logs and JSON into $OUT (default ./gpu-out). Every step has a
+# timeout, so a slow step leaves the results of the earlier ones.
+#
+# Through this workplace's device tool (run from the repo root here, after
+# scripts/build-cuda.sh):
+#   run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=600)
+# Elsewhere: copy the repo (tests/fixtures is read by the tests) and .gpu/ to the GPU
+# machine and run `OUT=results bash scripts/gpu-check.sh`.
+#
+# GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmark.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BIN=/tmp/decimamba-gpu
+status=0
+mkdir -p "$BIN"
+for f in decimamba gpu-tests; do
+    if [[ -f .gpu/$f.xz ]]; then
+        xz -dc ".gpu/$f.xz" >"$BIN/$f" 2>/dev/null \
+            || python3 -c 'import lzma,sys;sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' ".gpu/$f.xz" >"$BIN/$f"
+    else
+        cp ".gpu/$f" "$BIN/$f"
+    fi
+    chmod +x "$BIN/$f"
+done
+
+# Run-time libraries (readelf NEEDED: libcuda.so.1 from the driver; libcublas.so.13,
+# libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 (+ libnvrtc-builtins, dlopened by
+# name), libcudart.so.13). The toolkit's lib64 and PyTorch's nvidia/cu13/lib hold them.
+L=$(dirname "$(find -H /usr/local/cuda* /opt $(python3 -c 'import site;print(*site.getsitepackages(),site.getusersitepackages())' 2>/dev/null) \
+    -name 'libcublas.so.13*' 2>/dev/null | head -1)")
+echo "CUDA libs: $L"
+export LD_LIBRARY_PATH="$L${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for extra in libnvrtc-builtins.so.13.0 libcurand.so.10 libcudart.so.13; do
+    [[ -e $L/$extra ]] || {
+        d=$(dirname "$(find -H /usr/local/cuda* /opt $(python3 -c 'import site;print(*site.getsitepackages())' 2>/dev/null) -name "$extra*" 2>/dev/null | head -1)")
+        [[ $d != . ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+    }
+done
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    LD_LIBRARY_PATH=$LD_LIBRARY_PATH ldd "$BIN/decimamba" | grep -E 'cu|nvrtc|not found'
+} 2>&1 | tee "$OUT/env.txt"
+
+# 1. Tests: CUDA logits vs CPU and fixtures, decimation, prefill + decode, 130m shape.
+echo "== GPU tests"
+timeout 150 "$BIN/gpu-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-tests.log"
+rc=${PIPESTATUS[0]}
+echo "gpu tests exit $rc"
+[[ $rc == 0 ]] || status=1
+
+# 2. Benchmarks (random weights, batch 1), anchors in ../shared/bench/gpu-anchors.md.
+bench() { # bench <seconds> <name> <args...>
+    local secs=$1 name=$2
+    shift 2
+    echo "== bench $name: $*"
+    timeout "$secs" "$BIN/decimamba" bench --device cuda "$@" --json "$OUT/bench-$name.json" 2>&1 \
+        | tee -a "$OUT/bench.log"
+    local rc=${PIPESTATUS[0]}
+    echo "bench $name exit $rc" | tee -a "$OUT/bench.log"
+    [[ $rc == 0 ]] || status=1
+}
+bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
+    bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,32k,128k --decode 256 --compare-decimation
+    bench 90 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+fi
+exit $status

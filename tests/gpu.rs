@@ -1,0 +1,327 @@
+//! The CUDA path against the CPU path and the transformers / reference fixtures.
+//!
+//! Built only with `--features cuda`; run on a GPU machine by scripts/gpu-check.sh.
+//! Without a CUDA device every test fails (loudly) rather than skipping.
+//!
+//! Bounds: f32 logits within 1e-3 of the CPU's and of the fixtures; bf16 logits within
+//! 0.1 (absolute, logits O(1)) of the f32 reference, the bound the CPU's own bf16 test
+//! uses (bf16 keeps 8 mantissa bits; CPU and cuBLAS bf16 GEMMs round differently).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use decimamba::bench::random_model;
+use decimamba::loader::{files_from_dir, load_model};
+use decimamba::model::{ForwardOptions, InferenceState, LogitsSpan, MambaConfig, MambaModel};
+use decimamba::DecimationConfig;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const F32_TOL: f32 = 1e-3;
+const BF16_TOL: f32 = 0.1;
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect(
+        "no usable CUDA device: tests/gpu.rs needs one (run scripts/gpu-check.sh on a GPU \
+         machine with the CUDA 13 libraries on LD_LIBRARY_PATH)",
+    )
+}
+
+/// The fixtures of the checkout the binary runs in (the GPU machine's copy of the repo
+/// lives elsewhere than the build's), else of the one it was built from.
+fn fixtures() -> PathBuf {
+    let here = Path::new("tests/fixtures");
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(dir: &str, device: &Device, dtype: DType) -> MambaModel {
+    let files = files_from_dir(&fixtures().join("models").join(dir)).unwrap();
+    load_model(&files, device, dtype).unwrap()
+}
+
+fn json(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference").join(path)).unwrap())
+        .unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    fn walk(v: &Value, out: &mut Vec<f32>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, &mut out);
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn tensor_ids(rows: &[Vec<u32>], device: &Device) -> Tensor {
+    let flat: Vec<u32> = rows.concat();
+    Tensor::from_vec(flat, (rows.len(), rows[0].len()), device).unwrap()
+}
+
+fn vec_of(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+const FIXTURES: &[(&str, &str)] = &[
+    ("tiny-rms-hf", "tiny-rms.logits.json"),
+    ("tiny-rms-orig", "tiny-rms.logits.json"),
+    ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
+    ("tiny-dtrank-orig", "tiny-dtrank-orig.logits.json"),
+    ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
+];
+
+#[test]
+fn fixture_logits_match_cpu_and_reference() {
+    let gpu = cuda();
+    for &(dir, fixture) in FIXTURES {
+        let reference = json(fixture);
+        let ids = ids_of(&reference["input_ids"]);
+        let want = floats(&reference["logits"]);
+        let cpu = vec_of(
+            &load(dir, &Device::Cpu, DType::F32)
+                .forward(&tensor_ids(&ids, &Device::Cpu))
+                .unwrap(),
+        );
+        let got = vec_of(
+            &load(dir, &gpu, DType::F32)
+                .forward(&tensor_ids(&ids, &gpu))
+                .unwrap(),
+        );
+        let (d_cpu, d_ref) = (max_diff(&got, &cpu), max_diff(&got, &want));
+        println!("{dir} f32: max |cuda - cpu| = {d_cpu:.3e}, |cuda - reference| = {d_ref:.3e}");
+        assert!(
+            d_cpu < F32_TOL && d_ref < F32_TOL,
+            "{dir}: {d_cpu} / {d_ref}"
+        );
+        let got16 = vec_of(
+            &load(dir, &gpu, DType::BF16)
+                .forward(&tensor_ids(&ids, &gpu))
+                .unwrap(),
+        );
+        let d16 = max_diff(&got16, &want);
+        println!("{dir} bf16: max |cuda bf16 - reference f32| = {d16:.3e}");
+        assert!(d16 < BF16_TOL, "{dir} bf16: {d16}");
+    }
+}
+
+#[test]
+fn prefill_then_decode_matches_reference() {
+    let gpu = cuda();
+    for (dir, fixture) in [
+        ("tiny-rms-hf", "tiny-rms.logits.json"),
+        ("tiny-dtrank-orig", "tiny-dtrank-orig.logits.json"),
+        ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
+    ] {
+        let model = load(dir, &gpu, DType::F32);
+        let reference = json(fixture);
+        let ids = ids_of(&reference["input_ids"]);
+        let want = floats(&reference["logits"]);
+        let (batch, len) = (ids.len(), ids[0].len());
+        let vocab = want.len() / (batch * len);
+        let prompt = 7;
+        let mut state = model.new_state(batch);
+        let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..prompt].to_vec()).collect();
+        let opts = ForwardOptions {
+            logits: LogitsSpan::Last(1),
+            ..Default::default()
+        };
+        let (logits, _) = model
+            .forward_with_state(&tensor_ids(&head, &gpu), &mut state, &opts)
+            .unwrap();
+        let mut worst = 0f32;
+        let mut check = |pos: usize, got: Vec<f32>| {
+            for b in 0..batch {
+                let w = &want[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
+                let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
+                worst = worst.max(d);
+                assert!(d < F32_TOL, "{dir}: position {pos} batch {b}: {d}");
+            }
+        };
+        check(prompt - 1, vec_of(&logits.unwrap()));
+        for pos in prompt..len {
+            let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
+            check(pos, vec_of(&model.step(&step_ids, &mut state).unwrap()));
+        }
+        println!(
+            "{dir}: prefill {prompt} + {} decode steps, max diff {worst:.3e}",
+            len - prompt
+        );
+    }
+}
+
+#[test]
+fn chunked_prefill_on_gpu_equals_one_shot() {
+    let gpu = cuda();
+    let model = load("tiny-rms-hf", &gpu, DType::F32);
+    let ids = tensor_ids(&ids_of(&json("tiny-rms.logits.json")["input_ids"]), &gpu);
+    let full = model.forward(&ids).unwrap();
+    let last_full = vec_of(&full.narrow(1, 19, 1).unwrap());
+    for chunk in [1, 3, 8, 64] {
+        let mut state = model.new_state(2);
+        let last = model.prefill_chunked(&ids, chunk, &mut state).unwrap();
+        let d = max_diff(&vec_of(&last), &last_full);
+        assert!(d < 1e-5, "chunk {chunk}: {d}");
+    }
+}
+
+fn decimation_case(name: &str) {
+    let gpu = cuda();
+    let reference = json(&format!("decimation/{name}.json"));
+    let model = load(reference["model"].as_str().unwrap(), &gpu, DType::F32);
+    let cfg: DecimationConfig = serde_json::from_value(reference["config"].clone()).unwrap();
+    let tail = reference["protected_tail"].as_u64().unwrap() as usize;
+    let ids = ids_of(&reference["input_ids"]);
+    let mut state = model.new_state(1);
+    let opts = ForwardOptions {
+        decimation: Some(&cfg),
+        protected_tail: tail,
+        logits: LogitsSpan::All,
+        record_indices: true,
+    };
+    let (logits, trace) = model
+        .forward_with_state(&tensor_ids(&ids, &gpu), &mut state, &opts)
+        .unwrap();
+    for kept in reference["kept"].as_array().unwrap() {
+        let layer = kept["layer"].as_u64().unwrap() as usize;
+        let want: Vec<usize> = kept["indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let t = &trace.layers[layer];
+        assert_eq!(t.len_in, kept["len_in"].as_u64().unwrap() as usize);
+        let got = t.kept.clone().unwrap_or_else(|| (0..t.len_in).collect());
+        assert_eq!(got, want, "{name}: kept indices of layer {layer}");
+    }
+    let d = max_diff(&vec_of(&logits.unwrap()), &floats(&reference["logits"]));
+    println!("decimation {name}: kept indices identical, logits max diff {d:.3e}");
+    assert!(d < F32_TOL, "{name}: logits differ by {d}");
+    if let Some(decode) = reference.get("decode") {
+        let new_ids = ids_of(&Value::Array(vec![decode["new_ids"].clone()]))[0].clone();
+        let steps = decode["step_logits"].as_array().unwrap();
+        for (id, want) in new_ids.iter().zip(steps) {
+            let got = vec_of(&model.step(&[*id], &mut state).unwrap());
+            let d = max_diff(&got, &floats(want));
+            assert!(d < F32_TOL, "{name}: decode after decimated prefill: {d}");
+        }
+    }
+}
+
+#[test]
+fn decimation_fixtures() {
+    for name in [
+        "one_layer",
+        "multi_layer",
+        "min_binding",
+        "tail_r5",
+        "short_seq",
+        "layer0_only_tail",
+    ] {
+        decimation_case(name);
+    }
+}
+
+fn last_logits(
+    model: &MambaModel,
+    ids: &[u32],
+    cfg: Option<&DecimationConfig>,
+) -> (Vec<f32>, Vec<Option<Vec<usize>>>, InferenceState) {
+    let t = Tensor::from_slice(ids, (1, ids.len()), model.device()).unwrap();
+    let mut state = model.new_state(1);
+    let opts = ForwardOptions {
+        decimation: cfg,
+        protected_tail: 1,
+        logits: LogitsSpan::Last(1),
+        record_indices: true,
+    };
+    let (logits, trace) = model.forward_with_state(&t, &mut state, &opts).unwrap();
+    let kept = trace.layers.into_iter().map(|l| l.kept).collect();
+    (vec_of(&logits.unwrap()), kept, state)
+}
+
+/// The 130m shape (d_inner 1536, 24 layers) with random weights at 3,000 tokens: long
+/// enough that the scan is cut into several time chunks on the GPU.
+#[test]
+fn random_130m_shape_long_prompt_cpu_vs_cuda() {
+    let gpu = cuda();
+    let cfg = MambaConfig::of_shape("130m").unwrap();
+    let cpu_model = random_model(&cfg, DType::F32, &Device::Cpu, 0).unwrap();
+    let gpu_model = random_model(&cfg, DType::F32, &gpu, 0).unwrap();
+    let len = 3000;
+    let ids: Vec<u32> = (0..len)
+        .map(|i| ((i * 7919 + 13) % 50_000) as u32)
+        .collect();
+    let scale = |v: &[f32]| v.iter().fold(1f32, |m, x| m.max(x.abs()));
+
+    let (cpu, _, mut cpu_state) = last_logits(&cpu_model, &ids, None);
+    let (got, _, mut gpu_state) = last_logits(&gpu_model, &ids, None);
+    let d = max_diff(&got, &cpu);
+    println!(
+        "130m shape, {len} tokens f32: max |cuda - cpu| = {d:.3e} (logit scale {:.3})",
+        scale(&cpu)
+    );
+    assert!(d < F32_TOL * scale(&cpu), "vanilla: {d}");
+    // Decode steps continue from the GPU-resident state.
+    let mut next = [17u32];
+    for i in 0..8 {
+        let a = vec_of(&cpu_model.step(&next, &mut cpu_state).unwrap());
+        let b = vec_of(&gpu_model.step(&next, &mut gpu_state).unwrap());
+        let d = max_diff(&a, &b);
+        assert!(d < F32_TOL * scale(&a), "decode step {i}: {d}");
+        next = [(i * 101 + 5) as u32];
+    }
+
+    let dcfg = DecimationConfig {
+        decimating_layers: vec![12],
+        decimation_beta: 1.0,
+        decimation_max_p_l_base: 1000,
+        decimation_min_seq_len: 20,
+        decimation_type: "max_p".into(),
+    };
+    let (cpu, cpu_kept, _) = last_logits(&cpu_model, &ids, Some(&dcfg));
+    let (got, gpu_kept, _) = last_logits(&gpu_model, &ids, Some(&dcfg));
+    let (a, b) = (cpu_kept[12].clone().unwrap(), gpu_kept[12].clone().unwrap());
+    let differ = a.iter().filter(|i| b.binary_search(i).is_err()).count();
+    println!(
+        "130m shape decimated at layer 12: kept {} tokens, {differ} differ from the CPU's",
+        b.len()
+    );
+    assert_eq!(a, b, "kept indices differ");
+    let d = max_diff(&got, &cpu);
+    println!("130m shape decimated, f32: max |cuda - cpu| = {d:.3e}");
+    assert!(d < F32_TOL * scale(&cpu), "decimated: {d}");
+}
