@@ -310,3 +310,42 @@ fn decimation_that_keeps_everything_is_exactly_vanilla() {
     );
     assert!(trace.layers.iter().all(|t| t.len_in == t.len_out));
 }
+
+#[test]
+fn long_vanilla_prefill_in_chunks_equals_one_pass() {
+    // Over 4096 tokens the CPU runs a vanilla prefill in 2048-token chunks; a decimation
+    // that keeps every token takes the one-pass path, so the two must agree.
+    let model = load("tiny-rms-hf");
+    let len = 5000;
+    let ids: Vec<u32> = (0..len).map(|i| ((i * 7919 + 13) % 89) as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, len), &Device::Cpu).unwrap();
+    let keep_all = DecimationConfig {
+        decimating_layers: vec![0],
+        decimation_beta: 1.0,
+        decimation_max_p_l_base: 1_000_000,
+        decimation_min_seq_len: 1,
+        decimation_type: "max_p".into(),
+    };
+    for span in [LogitsSpan::All, LogitsSpan::Last(3000), LogitsSpan::Last(1)] {
+        let run = |deci: Option<&DecimationConfig>| {
+            let mut state = model.new_state(1);
+            let opts = ForwardOptions { decimation: deci, logits: span, ..Default::default() };
+            let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts).unwrap();
+            assert!(trace.layers.iter().all(|t| t.len_in == len && t.len_out == len));
+            (logits.unwrap(), state)
+        };
+        let (chunked, s1) = run(None);
+        let (one_pass, s2) = run(Some(&keep_all));
+        assert_eq!(chunked.dims(), one_pass.dims());
+        let d = max_diff(
+            &chunked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &one_pass.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(d < 1e-4, "{span:?}: {d}");
+        // Decoding continues identically from both states.
+        let (mut s1, mut s2) = (s1, s2);
+        let a: Vec<f32> = model.step(&[5], &mut s1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = model.step(&[5], &mut s2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(max_diff(&a, &b) < 1e-4);
+    }
+}

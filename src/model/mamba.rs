@@ -533,6 +533,10 @@ struct Block {
     mixer: Mixer,
 }
 
+/// Chunk length of a long vanilla prefill on the CPU: keeps the per-layer activations
+/// (a few × L × d_inner floats) around cache size instead of growing with the prompt.
+const CPU_PREFILL_CHUNK: usize = 2048;
+
 /// A Mamba-1 language model.
 #[derive(Debug, Clone)]
 pub struct MambaModel {
@@ -662,6 +666,9 @@ impl MambaModel {
         if let Some(cfg) = opts.decimation {
             cfg.validate(self.config.n_layer)?;
         }
+        if opts.decimation.is_none() && self.device.is_cpu() && len > 2 * CPU_PREFILL_CHUNK {
+            return self.forward_in_chunks(ids, state, opts, CPU_PREFILL_CHUNK);
+        }
         let max_id = ids
             .max_keepdim(1)?
             .max_keepdim(0)?
@@ -728,6 +735,47 @@ impl MambaModel {
             .to_dtype(DType::F32)?;
         self.device.synchronize()?;
         Ok((Some(logits), trace))
+    }
+
+    /// Vanilla forward of a long sequence as consecutive chunks with the state carried: the
+    /// same result as one pass (the recurrence is exact across chunk boundaries), with
+    /// activations bounded by the chunk and kept cache-sized.
+    fn forward_in_chunks(
+        &self,
+        ids: &Tensor,
+        state: &mut InferenceState,
+        opts: &ForwardOptions,
+        chunk: usize,
+    ) -> Result<(Option<Tensor>, DecimationTrace)> {
+        let len = ids.dim(1)?;
+        // Output positions wanted, as a range of the input (no decimation: they coincide).
+        let wanted = match opts.logits {
+            LogitsSpan::All => 0..len,
+            LogitsSpan::Last(n) => len - n.min(len)..len,
+            LogitsSpan::None => len..len,
+        };
+        let mut pieces = Vec::new();
+        let mut trace = DecimationTrace::default();
+        let mut start = 0;
+        while start < len {
+            let end = (start + chunk).min(len);
+            let k = end.saturating_sub(wanted.start.max(start));
+            let span = if k == 0 { LogitsSpan::None } else { LogitsSpan::Last(k) };
+            let sub = ForwardOptions { logits: span, ..*opts };
+            let (logits, t) = self.forward_with_state(&ids.narrow(1, start, end - start)?, state, &sub)?;
+            pieces.extend(logits);
+            if trace.layers.is_empty() {
+                trace = t;
+            } else {
+                for (acc, l) in trace.layers.iter_mut().zip(t.layers) {
+                    acc.len_in += l.len_in;
+                    acc.len_out += l.len_out;
+                }
+            }
+            start = end;
+        }
+        let logits = if pieces.is_empty() { None } else { Some(Tensor::cat(&pieces, 1)?) };
+        Ok((logits, trace))
     }
 
     /// Logits for every position of `ids` (`[batch, len]`) from a fresh state, no decimation.
