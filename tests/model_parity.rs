@@ -329,9 +329,16 @@ fn long_vanilla_prefill_in_chunks_equals_one_pass() {
     for span in [LogitsSpan::All, LogitsSpan::Last(3000), LogitsSpan::Last(1)] {
         let run = |deci: Option<&DecimationConfig>| {
             let mut state = model.new_state(1);
-            let opts = ForwardOptions { decimation: deci, logits: span, ..Default::default() };
+            let opts = ForwardOptions {
+                decimation: deci,
+                logits: span,
+                ..Default::default()
+            };
             let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts).unwrap();
-            assert!(trace.layers.iter().all(|t| t.len_in == len && t.len_out == len));
+            assert!(trace
+                .layers
+                .iter()
+                .all(|t| t.len_in == len && t.len_out == len));
             (logits.unwrap(), state)
         };
         let (chunked, s1) = run(None);
@@ -344,8 +351,79 @@ fn long_vanilla_prefill_in_chunks_equals_one_pass() {
         assert!(d < 1e-4, "{span:?}: {d}");
         // Decoding continues identically from both states.
         let (mut s1, mut s2) = (s1, s2);
-        let a: Vec<f32> = model.step(&[5], &mut s1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = model.step(&[5], &mut s2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = model
+            .step(&[5], &mut s1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = model
+            .step(&[5], &mut s2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(max_diff(&a, &b) < 1e-4);
     }
+}
+
+#[test]
+fn chunked_layers_before_decimation_give_the_same_result() {
+    // Layers before the first decimating one run in chunks on long CPU prefills; the
+    // decimating layer must still see (and score) exactly the same sequence.
+    let one_pass = load("tiny-rms-hf").with_prefill_chunk(None);
+    let chunked = load("tiny-rms-hf").with_prefill_chunk(Some(700));
+    let len = 3000;
+    let ids: Vec<u32> = (0..len).map(|i| ((i * 104729 + 7) % 89) as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, len), &Device::Cpu).unwrap();
+    let cfg = DecimationConfig {
+        decimating_layers: vec![2, 3],
+        decimation_beta: 0.5,
+        decimation_max_p_l_base: 400,
+        decimation_min_seq_len: 10,
+        decimation_type: "max_p".into(),
+    };
+    let run = |m: &MambaModel| {
+        let mut state = m.new_state(1);
+        let opts = ForwardOptions {
+            decimation: Some(&cfg),
+            logits: LogitsSpan::All,
+            record_indices: true,
+            ..Default::default()
+        };
+        let (logits, trace) = m.forward_with_state(&ids, &mut state, &opts).unwrap();
+        let next: Vec<f32> = m
+            .step(&[3], &mut state)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (
+            logits
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            trace,
+            next,
+        )
+    };
+    let (a, ta, na) = run(&one_pass);
+    let (b, tb, nb) = run(&chunked);
+    assert_eq!(
+        ta.layers
+            .iter()
+            .map(|t| (t.len_in, t.len_out))
+            .collect::<Vec<_>>(),
+        vec![(3000, 3000), (3000, 3000), (3000, 401), (401, 201)]
+    );
+    assert_eq!(ta.layers[2].kept, tb.layers[2].kept);
+    assert_eq!(ta.layers[3].kept, tb.layers[3].kept);
+    assert_eq!(tb.layers[0].len_in, 3000);
+    assert!(max_diff(&a, &b) < 1e-4);
+    assert!(max_diff(&na, &nb) < 1e-4);
 }

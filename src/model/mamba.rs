@@ -161,6 +161,18 @@ pub struct DecimationTrace {
 }
 
 impl DecimationTrace {
+    /// Adds the trace of the next chunk of a chunked (undecimated) pass: lengths add up.
+    fn merge_chunk(&mut self, next: DecimationTrace) {
+        if self.layers.is_empty() {
+            *self = next;
+            return;
+        }
+        for (acc, l) in self.layers.iter_mut().zip(next.layers) {
+            acc.len_in += l.len_in;
+            acc.len_out += l.len_out;
+        }
+    }
+
     /// Sequence length leaving each layer listed in `cfg.decimating_layers`.
     pub fn kept_per_decimating_layer(&self, cfg: &DecimationConfig) -> Vec<usize> {
         cfg.decimating_layers
@@ -547,6 +559,8 @@ pub struct MambaModel {
     lm_head: Tensor,
     dtype: DType,
     device: Device,
+    /// CPU prefills longer than twice this run their vanilla layers in chunks of it.
+    prefill_chunk: Option<usize>,
 }
 
 impl MambaModel {
@@ -597,7 +611,15 @@ impl MambaModel {
             lm_head,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            prefill_chunk: Some(CPU_PREFILL_CHUNK),
         })
+    }
+
+    /// Sets the chunk length of long CPU prefills (`None`: always one pass). Results do not
+    /// depend on it; memory and speed do.
+    pub fn with_prefill_chunk(mut self, chunk: Option<usize>) -> Self {
+        self.prefill_chunk = chunk.filter(|&c| c > 0);
+        self
     }
 
     pub fn config(&self) -> &MambaConfig {
@@ -666,8 +688,9 @@ impl MambaModel {
         if let Some(cfg) = opts.decimation {
             cfg.validate(self.config.n_layer)?;
         }
-        if opts.decimation.is_none() && self.device.is_cpu() && len > 2 * CPU_PREFILL_CHUNK {
-            return self.forward_in_chunks(ids, state, opts, CPU_PREFILL_CHUNK);
+        let chunk = self.prefill_chunk.filter(|_| self.device.is_cpu());
+        if let Some(chunk) = chunk.filter(|&c| opts.decimation.is_none() && len > 2 * c) {
+            return self.forward_in_chunks(ids, state, opts, chunk);
         }
         let max_id = ids
             .max_keepdim(1)?
@@ -685,13 +708,86 @@ impl MambaModel {
         } else {
             self.dtype
         };
-        let mut residual = self.embedding.index_select(&ids.flatten_all()?, 0)?;
-        residual = residual
+        let first_decimating = opts
+            .decimation
+            .and_then(|c| c.decimating_layers.iter().min().copied());
+        let (residual, mut trace, start_layer) = match first_decimating {
+            // The layers before the first decimating one are vanilla: on the CPU they run in
+            // chunks with the state carried, and only their output (the residual stream)
+            // is kept whole for the decimating layer, which must score every token.
+            Some(first) if first > 0 && chunk.is_some_and(|c| len > 2 * c) => {
+                let chunk = chunk.unwrap_or(len);
+                let mut pieces = Vec::new();
+                let mut trace = DecimationTrace::default();
+                let mut start = 0;
+                while start < len {
+                    let end = (start + chunk).min(len);
+                    let piece = self.embed(&ids.narrow(1, start, end - start)?, residual_dtype)?;
+                    let mut t = DecimationTrace::default();
+                    pieces.push(self.run_blocks(piece, 0..first, state, opts, &mut t)?);
+                    trace.merge_chunk(t);
+                    start = end;
+                }
+                (Tensor::cat(&pieces, 1)?, trace, first)
+            }
+            _ => (
+                self.embed(ids, residual_dtype)?,
+                DecimationTrace::default(),
+                0,
+            ),
+        };
+        let residual = self.run_blocks(
+            residual,
+            start_layer..self.layers.len(),
+            state,
+            opts,
+            &mut trace,
+        )?;
+        state.seen_tokens += len;
+        let out_len = residual.dim(1)?;
+        let take = match opts.logits {
+            LogitsSpan::None => {
+                // GPU work is queued asynchronously: return when it is done, so that
+                // callers' timings and chunked prefills see finished work.
+                self.device.synchronize()?;
+                return Ok((None, trace));
+            }
+            LogitsSpan::All => out_len,
+            LogitsSpan::Last(n) => n.min(out_len),
+        };
+        let hidden = residual.narrow(1, out_len - take, take)?;
+        let hidden = self.norm_f.forward(&hidden)?.to_dtype(self.dtype)?;
+        let logits = hidden
+            .reshape((batch * take, self.config.d_model))?
+            .apply(&|x: &Tensor| linear(x, &self.lm_head))?
+            .reshape((batch, take, self.config.vocab_size))?
+            .to_dtype(DType::F32)?;
+        self.device.synchronize()?;
+        Ok((Some(logits), trace))
+    }
+
+    /// Embedding lookup: `ids` `[batch, len]` → residual stream `[batch, len, d_model]`.
+    fn embed(&self, ids: &Tensor, residual_dtype: DType) -> Result<Tensor> {
+        let (batch, len) = ids.dims2()?;
+        let residual = self.embedding.index_select(&ids.flatten_all()?, 0)?;
+        Ok(residual
             .reshape((batch, len, self.config.d_model))?
-            .to_dtype(residual_dtype)?;
-        let mut trace = DecimationTrace::default();
-        for (i, (block, layer_state)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate()
-        {
+            .to_dtype(residual_dtype)?)
+    }
+
+    /// Runs the blocks in `layers` (Add → Norm → Mixer, decimating where the options say)
+    /// on the residual stream, appending one trace entry per layer.
+    fn run_blocks(
+        &self,
+        mut residual: Tensor,
+        layers: std::ops::Range<usize>,
+        state: &mut InferenceState,
+        opts: &ForwardOptions,
+        trace: &mut DecimationTrace,
+    ) -> Result<Tensor> {
+        let residual_dtype = residual.dtype();
+        for i in layers {
+            let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
             let len_in = residual.dim(1)?;
             let step = opts.decimation.and_then(|cfg| {
                 cfg.rank_of(i).map(|rank| DecimationStep {
@@ -714,27 +810,7 @@ impl MambaModel {
                 kept: if opts.record_indices { kept } else { None },
             });
         }
-        state.seen_tokens += len;
-        let out_len = residual.dim(1)?;
-        let take = match opts.logits {
-            LogitsSpan::None => {
-                // GPU work is queued asynchronously: return when it is done, so that
-                // callers' timings and chunked prefills see finished work.
-                self.device.synchronize()?;
-                return Ok((None, trace));
-            }
-            LogitsSpan::All => out_len,
-            LogitsSpan::Last(n) => n.min(out_len),
-        };
-        let hidden = residual.narrow(1, out_len - take, take)?;
-        let hidden = self.norm_f.forward(&hidden)?.to_dtype(self.dtype)?;
-        let logits = hidden
-            .reshape((batch * take, self.config.d_model))?
-            .apply(&|x: &Tensor| linear(x, &self.lm_head))?
-            .reshape((batch, take, self.config.vocab_size))?
-            .to_dtype(DType::F32)?;
-        self.device.synchronize()?;
-        Ok((Some(logits), trace))
+        Ok(residual)
     }
 
     /// Vanilla forward of a long sequence as consecutive chunks with the state carried: the
@@ -760,21 +836,26 @@ impl MambaModel {
         while start < len {
             let end = (start + chunk).min(len);
             let k = end.saturating_sub(wanted.start.max(start));
-            let span = if k == 0 { LogitsSpan::None } else { LogitsSpan::Last(k) };
-            let sub = ForwardOptions { logits: span, ..*opts };
-            let (logits, t) = self.forward_with_state(&ids.narrow(1, start, end - start)?, state, &sub)?;
-            pieces.extend(logits);
-            if trace.layers.is_empty() {
-                trace = t;
+            let span = if k == 0 {
+                LogitsSpan::None
             } else {
-                for (acc, l) in trace.layers.iter_mut().zip(t.layers) {
-                    acc.len_in += l.len_in;
-                    acc.len_out += l.len_out;
-                }
-            }
+                LogitsSpan::Last(k)
+            };
+            let sub = ForwardOptions {
+                logits: span,
+                ..*opts
+            };
+            let (logits, t) =
+                self.forward_with_state(&ids.narrow(1, start, end - start)?, state, &sub)?;
+            pieces.extend(logits);
+            trace.merge_chunk(t);
             start = end;
         }
-        let logits = if pieces.is_empty() { None } else { Some(Tensor::cat(&pieces, 1)?) };
+        let logits = if pieces.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&pieces, 1)?)
+        };
         Ok((logits, trace))
     }
 
