@@ -10,7 +10,7 @@ use super::kernels::{self, ConvInput, ScanInputs};
 #[cfg(feature = "cuda")]
 #[path = "cuda.rs"]
 mod cuda;
-use crate::decimation::{select_tokens, DecimationConfig};
+use crate::decimation::{select_by_scores, select_tokens, token_scores, DecimationConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -252,12 +252,23 @@ fn gather_rows(src: &[f32], width: usize, idx: &[usize]) -> Vec<f32> {
     out
 }
 
+/// The mixer's activations before the scan, token-major f32: in_proj output `xz`
+/// (`[rows, 2·d_inner]`), conv + SiLU output, Δ (`[rows, d_inner]`) and x_proj output.
+struct PreScan {
+    xz: Vec<f32>,
+    x_conv: Vec<f32>,
+    delta: Vec<f32>,
+    dbc: Vec<f32>,
+}
+
 /// Decimation work for one mixer call.
 struct DecimationStep<'a> {
     cfg: &'a DecimationConfig,
     /// s: position of this layer in `decimating_layers`.
     rank: usize,
     protected_tail: usize,
+    /// On the CPU, long inputs are scored chunk by chunk (see `forward_host_decimating`).
+    chunk: Option<usize>,
 }
 
 impl Mixer {
@@ -440,38 +451,27 @@ impl Mixer {
         decimation: Option<DecimationStep>,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         let (batch, len, d_model) = h.dims3()?;
+        if let Some(chunk) = decimation.as_ref().and_then(|s| s.chunk) {
+            if batch == 1 && len > 2 * chunk {
+                return self.forward_host_decimating(
+                    h,
+                    conv_state,
+                    ssm_state,
+                    decimation.unwrap(),
+                    chunk,
+                );
+            }
+        }
         let (di, n, k, r) = (self.d_inner, self.d_state, self.d_conv, self.dt_rank);
         let dtype = h.dtype();
         let device = h.device().clone();
-        let xz = self.in_proj.forward(&h.reshape((batch * len, d_model))?)?;
-        let xz = xz.to_dtype(DType::F32)?;
-        let xz_vec = to_vec_f32(&xz)?;
-
-        // Causal conv + SiLU over the full sequence (the decimation cut comes after it).
-        let x_conv = kernels::causal_conv_silu(
-            ConvInput {
-                data: &xz_vec,
-                batch_stride: len * 2 * di,
-                row_stride: 2 * di,
-            },
-            conv_state,
-            &self.conv_weight_t,
-            &self.conv_bias,
-            batch,
-            len,
-        );
-        self.update_conv_window(&xz_vec, batch, len, conv_state);
-
-        // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias).
-        let x_conv_t = Tensor::from_slice(&x_conv, (batch * len, di), &device)?.to_dtype(dtype)?;
-        let dbc = self.x_proj.forward(&x_conv_t)?;
-        let dt = dbc
-            .narrow(1, 0, r)?
-            .contiguous()?
-            .matmul(&self.dt_proj_weight.t()?)?;
-        let mut delta = to_vec_f32(&dt)?;
-        kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
-        let mut dbc_vec = to_vec_f32(&dbc)?;
+        let PreScan {
+            xz: xz_vec,
+            x_conv,
+            mut delta,
+            mut dbc,
+        } = self.pre_scan(h, conv_state)?;
+        let mut dbc_vec = std::mem::take(&mut dbc);
         let bc_width = r + 2 * n;
 
         let mut kept = None;
@@ -517,6 +517,109 @@ impl Mixer {
             .forward(&y)?
             .reshape((batch, scan_len, d_model))?;
         Ok((out, kept))
+    }
+
+    /// Everything before the scan for `h` (`[batch, len, d_model]`): in_proj, the causal
+    /// conv + SiLU continuing from `conv_state` (updated), x_proj and Δ.
+    fn pre_scan(&self, h: &Tensor, conv_state: &mut [f32]) -> Result<PreScan> {
+        let (batch, len, d_model) = h.dims3()?;
+        let (di, r) = (self.d_inner, self.dt_rank);
+        let xz = self.in_proj.forward(&h.reshape((batch * len, d_model))?)?;
+        let xz = to_vec_f32(&xz)?;
+        // Causal conv + SiLU over the full sequence (the decimation cut comes after it).
+        let x_conv = kernels::causal_conv_silu(
+            ConvInput {
+                data: &xz,
+                batch_stride: len * 2 * di,
+                row_stride: 2 * di,
+            },
+            conv_state,
+            &self.conv_weight_t,
+            &self.conv_bias,
+            batch,
+            len,
+        );
+        self.update_conv_window(&xz, batch, len, conv_state);
+        // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias).
+        let x_conv_t =
+            Tensor::from_slice(&x_conv, (batch * len, di), h.device())?.to_dtype(h.dtype())?;
+        let dbc = self.x_proj.forward(&x_conv_t)?;
+        let dt = linear(&dbc.narrow(1, 0, r)?.contiguous()?, &self.dt_proj_weight)?;
+        let mut delta = to_vec_f32(&dt)?;
+        kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
+        Ok(PreScan {
+            xz,
+            x_conv,
+            delta,
+            dbc: to_vec_f32(&dbc)?,
+        })
+    }
+
+    /// A decimating layer on a long CPU input (batch 1) without its full-length activations:
+    /// pass 1 runs in_proj → conv → Δ chunk by chunk and keeps only the ‖Δ_t‖₂ scores;
+    /// pass 2 recomputes the chunks and keeps the rows of the selected tokens. The result
+    /// equals the one-pass layer; memory is O(chunk + kept) · d_inner instead of O(L · d_inner),
+    /// for one extra in_proj of the sequence.
+    fn forward_host_decimating(
+        &self,
+        h: &Tensor,
+        conv_state: &mut [f32],
+        ssm_state: &mut [f32],
+        step: DecimationStep,
+        chunk: usize,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        let (_, len, d_model) = h.dims3()?;
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let bc_width = r + 2 * n;
+        let history = conv_state.to_vec();
+        let mut scores = Vec::with_capacity(len);
+        for start in (0..len).step_by(chunk) {
+            let rows = chunk.min(len - start);
+            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state)?;
+            scores.extend(token_scores(&pre.delta, di));
+        }
+        let budget = step.cfg.budget(step.rank, len, step.protected_tail);
+        let selected = select_by_scores(&scores, budget, step.protected_tail);
+        let kept: Vec<usize> = selected.clone().unwrap_or_else(|| (0..len).collect());
+        conv_state.copy_from_slice(&history);
+        let (mut x_conv, mut delta, mut dbc, mut xz) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next = 0;
+        for start in (0..len).step_by(chunk) {
+            let rows = chunk.min(len - start);
+            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state)?;
+            while next < kept.len() && kept[next] < start + rows {
+                let i = kept[next] - start;
+                x_conv.extend_from_slice(&pre.x_conv[i * di..(i + 1) * di]);
+                delta.extend_from_slice(&pre.delta[i * di..(i + 1) * di]);
+                dbc.extend_from_slice(&pre.dbc[i * bc_width..(i + 1) * bc_width]);
+                xz.extend_from_slice(&pre.xz[i * 2 * di..(i + 1) * 2 * di]);
+                next += 1;
+            }
+        }
+        let scan_len = kept.len();
+        let inputs = ScanInputs {
+            batch: 1,
+            len: scan_len,
+            d_inner: di,
+            d_state: n,
+            x: &x_conv,
+            delta: &delta,
+            bc: &dbc,
+            bc_batch_stride: scan_len * bc_width,
+            bc_row_stride: bc_width,
+            b_offset: r,
+            c_offset: r + n,
+            z: &xz[di..],
+            z_batch_stride: scan_len * 2 * di,
+            z_row_stride: 2 * di,
+            a: &self.a,
+            d_skip: &self.d_skip,
+        };
+        let y = kernels::selective_scan(&inputs, ssm_state);
+        let y = Tensor::from_vec(y, (scan_len, di), h.device())?.to_dtype(h.dtype())?;
+        let out = self.out_proj.forward(&y)?.reshape((1, scan_len, d_model))?;
+        Ok((out, selected))
     }
 
     /// Keeps the last `d_conv − 1` pre-conv inputs of this layer's full input for the next
@@ -794,6 +897,7 @@ impl MambaModel {
                     cfg,
                     rank,
                     protected_tail: opts.protected_tail,
+                    chunk: self.prefill_chunk.filter(|_| self.device.is_cpu()),
                 })
             });
             let normed = block.norm.forward(&residual)?.to_dtype(self.dtype)?;
