@@ -14,7 +14,9 @@ use decimamba::loader::{files_from_dir, load_model};
 use decimamba::model::{ForwardOptions, InferenceState, LogitsSpan, MambaConfig, MambaModel};
 use decimamba::DecimationConfig;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+
+mod common;
+use common::{fixtures, floats, ids_of, json, max_diff};
 
 const F32_TOL: f32 = 1e-3;
 const BF16_TOL: f32 = 0.1;
@@ -26,59 +28,9 @@ fn cuda() -> Device {
     )
 }
 
-/// The fixtures of the checkout the binary runs in (the GPU machine's copy of the repo
-/// lives elsewhere than the build's), else of the one it was built from.
-fn fixtures() -> PathBuf {
-    let here = Path::new("tests/fixtures");
-    if here.is_dir() {
-        return here.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn load(dir: &str, device: &Device, dtype: DType) -> MambaModel {
     let files = files_from_dir(&fixtures().join("models").join(dir)).unwrap();
     load_model(&files, device, dtype).unwrap()
-}
-
-fn json(path: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference").join(path)).unwrap())
-        .unwrap()
-}
-
-fn ids_of(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    fn walk(v: &Value, out: &mut Vec<f32>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-            Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
-            _ => panic!("unexpected {v}"),
-        }
-    }
-    let mut out = Vec::new();
-    walk(v, &mut out);
-    out
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn tensor_ids(rows: &[Vec<u32>], device: &Device) -> Tensor {
