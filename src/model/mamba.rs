@@ -450,7 +450,7 @@ impl Mixer {
         ssm_state: &mut [f32],
         decimation: Option<DecimationStep>,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
-        let (batch, len, d_model) = h.dims3()?;
+        let (batch, len, _) = h.dims3()?;
         if let Some(chunk) = decimation.as_ref().and_then(|s| s.chunk) {
             if batch == 1 && len > 2 * chunk {
                 return self.forward_host_decimating(
@@ -462,17 +462,13 @@ impl Mixer {
                 );
             }
         }
-        let (di, n, k, r) = (self.d_inner, self.d_state, self.d_conv, self.dt_rank);
-        let dtype = h.dtype();
-        let device = h.device().clone();
+        let (di, bc_width) = (self.d_inner, self.dt_rank + 2 * self.d_state);
         let PreScan {
             xz: xz_vec,
             x_conv,
             mut delta,
-            mut dbc,
+            dbc: mut dbc_vec,
         } = self.pre_scan(h, conv_state)?;
-        let mut dbc_vec = std::mem::take(&mut dbc);
-        let bc_width = r + 2 * n;
 
         let mut kept = None;
         let (mut x_conv, mut xz_vec, mut scan_len) = (x_conv, xz_vec, len);
@@ -491,32 +487,54 @@ impl Mixer {
             }
         }
 
+        let pre = PreScan {
+            xz: xz_vec,
+            x_conv,
+            delta,
+            dbc: dbc_vec,
+        };
+        let out = self.scan_and_project(&pre, batch, scan_len, ssm_state, h)?;
+        Ok((out, kept))
+    }
+
+    /// The selective scan over `pre` (rows `[batch, scan_len]`, from `pre_scan` and
+    /// possibly gathered), gated, then out_proj: the mixer output `[batch, scan_len, d_model]`
+    /// in the dtype of `h`.
+    fn scan_and_project(
+        &self,
+        pre: &PreScan,
+        batch: usize,
+        scan_len: usize,
+        ssm_state: &mut [f32],
+        h: &Tensor,
+    ) -> Result<Tensor> {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let bc_width = r + 2 * n;
         let inputs = ScanInputs {
             batch,
             len: scan_len,
             d_inner: di,
             d_state: n,
-            x: &x_conv,
-            delta: &delta,
-            bc: &dbc_vec,
+            x: &pre.x_conv,
+            delta: &pre.delta,
+            bc: &pre.dbc,
             bc_batch_stride: scan_len * bc_width,
             bc_row_stride: bc_width,
             b_offset: r,
             c_offset: r + n,
-            z: &xz_vec[di..],
+            z: &pre.xz[di..],
             z_batch_stride: scan_len * 2 * di,
             z_row_stride: 2 * di,
             a: &self.a,
             d_skip: &self.d_skip,
         };
         let y = kernels::selective_scan(&inputs, ssm_state);
-        debug_assert_eq!(k, self.d_conv);
-        let y = Tensor::from_vec(y, (batch * scan_len, di), &device)?.to_dtype(dtype)?;
-        let out = self
+        let y = Tensor::from_vec(y, (batch * scan_len, di), h.device())?.to_dtype(h.dtype())?;
+        let d_model = h.dim(2)?;
+        Ok(self
             .out_proj
             .forward(&y)?
-            .reshape((batch, scan_len, d_model))?;
-        Ok((out, kept))
+            .reshape((batch, scan_len, d_model))?)
     }
 
     /// Everything before the scan for `h` (`[batch, len, d_model]`): in_proj, the causal
@@ -568,9 +586,8 @@ impl Mixer {
         step: DecimationStep,
         chunk: usize,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
-        let (_, len, d_model) = h.dims3()?;
-        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let bc_width = r + 2 * n;
+        let len = h.dim(1)?;
+        let (di, bc_width) = (self.d_inner, self.dt_rank + 2 * self.d_state);
         let history = conv_state.to_vec();
         let mut scores = Vec::with_capacity(len);
         for start in (0..len).step_by(chunk) {
@@ -597,28 +614,13 @@ impl Mixer {
                 next += 1;
             }
         }
-        let scan_len = kept.len();
-        let inputs = ScanInputs {
-            batch: 1,
-            len: scan_len,
-            d_inner: di,
-            d_state: n,
-            x: &x_conv,
-            delta: &delta,
-            bc: &dbc,
-            bc_batch_stride: scan_len * bc_width,
-            bc_row_stride: bc_width,
-            b_offset: r,
-            c_offset: r + n,
-            z: &xz[di..],
-            z_batch_stride: scan_len * 2 * di,
-            z_row_stride: 2 * di,
-            a: &self.a,
-            d_skip: &self.d_skip,
+        let pre = PreScan {
+            xz,
+            x_conv,
+            delta,
+            dbc,
         };
-        let y = kernels::selective_scan(&inputs, ssm_state);
-        let y = Tensor::from_vec(y, (scan_len, di), h.device())?.to_dtype(h.dtype())?;
-        let out = self.out_proj.forward(&y)?.reshape((1, scan_len, d_model))?;
+        let out = self.scan_and_project(&pre, 1, kept.len(), ssm_state, h)?;
         Ok((out, selected))
     }
 
