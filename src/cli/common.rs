@@ -66,3 +66,50 @@ impl DecimationArgs {
         crate::decimation::resolve_or_default(self, &model.decimation_defaults())
     }
 }
+
+/// Flags every evaluation shares: the model, decimation, `--compare`, the run folder and
+/// progress display.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalRunArgs {
+    /// Run vanilla Mamba and DeciMamba on identical inputs.
+    #[arg(long)]
+    pub compare: bool,
+    /// Output folder (rerun with the same folder to resume); default: runs/<eval>-<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+    /// Hide progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decimation: DecimationArgs,
+}
+
+impl EvalRunArgs {
+    /// Rejects contradictory flags before any work starts.
+    pub fn check(&self) -> Result<()> {
+        if self.compare && self.decimation.no_decimation {
+            anyhow::bail!("--compare already runs vanilla Mamba; drop --no-decimation");
+        }
+        Ok(())
+    }
+
+    /// The methods to run on `model`: vanilla and DeciMamba with `--compare`, else the one
+    /// the decimation flags select.
+    pub fn methods(&self, model: &LoadedModel) -> Result<Vec<crate::eval::Method>> {
+        use crate::eval::Method;
+        Ok(if self.compare {
+            Method::compare(self.decimation.resolve_or_default(model)?)
+        } else {
+            vec![Method::from_resolved(self.decimation.resolve(model)?)]
+        })
+    }
+
+    /// The run folder: `--out`, else `runs/<kind>-<timestamp>`.
+    pub fn out_dir(&self, kind: &str) -> std::path::PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| crate::eval::common::default_out_dir(kind))
+    }
+}

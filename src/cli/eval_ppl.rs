@@ -1,10 +1,10 @@
 //! `decimamba eval-ppl`: sliding-window perplexity over long documents.
 
-use super::common::{DecimationArgs, ModelArgs};
-use crate::eval::common::{default_out_dir, install_interrupt_flag, parse_lengths};
+use super::common::EvalRunArgs;
+use crate::eval::common::{install_interrupt_flag, parse_lengths};
 use crate::eval::data::{data_files, load_documents, pg19_test_files, DataOptions};
 use crate::eval::ppl::{files, run_ppl, tokenize_documents, PplJob, PplSettings};
-use crate::eval::{Method, RunOptions};
+use crate::eval::RunOptions;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -55,25 +55,12 @@ pub struct EvalPplArgs {
     /// Tokens scored at the end of each window.
     #[arg(long, default_value_t = 100)]
     pub pred_len: usize,
-    /// Run vanilla Mamba and DeciMamba on identical windows.
-    #[arg(long)]
-    pub compare: bool,
-    /// Output folder (rerun with the same folder to resume); default: runs/ppl-<timestamp>.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Hide progress bars.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub decimation: DecimationArgs,
+    pub run: EvalRunArgs,
 }
 
 pub fn run(args: EvalPplArgs) -> Result<()> {
-    if args.compare && args.decimation.no_decimation {
-        bail!("--compare already runs vanilla Mamba; drop --no-decimation");
-    }
+    args.run.check()?;
     let settings = PplSettings {
         lengths: parse_lengths(&args.lengths)?,
         windows: args.windows,
@@ -96,16 +83,12 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
     if let Some(n) = args.max_docs {
         data.documents.truncate(n);
     }
-    let model = args.model.load()?;
-    let methods = if args.compare {
-        Method::compare(args.decimation.resolve_or_default(&model)?)
-    } else {
-        vec![Method::from_resolved(args.decimation.resolve(&model)?)]
-    };
-    let docs = tokenize_documents(&model, &data.documents, args.quiet)?;
-    let out = args.out.clone().unwrap_or_else(|| default_out_dir("ppl"));
+    let model = args.run.model.load()?;
+    let methods = args.run.methods(&model)?;
+    let docs = tokenize_documents(&model, &data.documents, args.run.quiet)?;
+    let out = args.run.out_dir("ppl");
     let options = RunOptions {
-        quiet: args.quiet,
+        quiet: args.run.quiet,
         stop: Some(install_interrupt_flag()),
     };
     let job = PplJob {

@@ -1,11 +1,11 @@
 //! `decimamba passkey`: passkey retrieval over a grid of lengths and depths.
 
-use super::common::{DecimationArgs, ModelArgs};
-use crate::eval::common::{default_out_dir, install_interrupt_flag, parse_depths, parse_lengths};
+use super::common::EvalRunArgs;
+use crate::eval::common::{install_interrupt_flag, parse_depths, parse_lengths};
 use crate::eval::passkey::{
     files, resolve_template, run_passkey, Haystack, PasskeyJob, PasskeySettings,
 };
-use crate::eval::{Method, RunOptions};
+use crate::eval::RunOptions;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -35,25 +35,12 @@ pub struct PasskeyArgs {
     /// Most tokens to generate per sample.
     #[arg(long, default_value_t = 10)]
     pub max_new_tokens: usize,
-    /// Run vanilla Mamba and DeciMamba on identical prompts.
-    #[arg(long)]
-    pub compare: bool,
-    /// Output folder (rerun with the same folder to resume); default: runs/passkey-<timestamp>.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Hide progress bars.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub decimation: DecimationArgs,
+    pub run: EvalRunArgs,
 }
 
 pub fn run(args: PasskeyArgs) -> Result<()> {
-    if args.compare && args.decimation.no_decimation {
-        bail!("--compare already runs vanilla Mamba; drop --no-decimation");
-    }
+    args.run.check()?;
     let settings = PasskeySettings {
         lengths: parse_lengths(&args.lengths)?,
         depths: parse_depths(&args.depths)?,
@@ -61,7 +48,7 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         seed: args.seed,
         max_new_tokens: args.max_new_tokens,
     };
-    let model = args.model.load()?;
+    let model = args.run.model.load()?;
     let template = resolve_template(
         args.template.as_deref(),
         model.passkey_template().as_deref(),
@@ -71,17 +58,10 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         &template,
         model.haystack().as_deref(),
     )?;
-    let methods = if args.compare {
-        Method::compare(args.decimation.resolve_or_default(&model)?)
-    } else {
-        vec![Method::from_resolved(args.decimation.resolve(&model)?)]
-    };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out_dir("passkey"));
+    let methods = args.run.methods(&model)?;
+    let out = args.run.out_dir("passkey");
     let options = RunOptions {
-        quiet: args.quiet,
+        quiet: args.run.quiet,
         stop: Some(install_interrupt_flag()),
     };
     let job = PasskeyJob {
