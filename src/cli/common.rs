@@ -113,3 +113,27 @@ impl EvalRunArgs {
             .unwrap_or_else(|| crate::eval::common::default_out_dir(kind))
     }
 }
+
+/// Ends an evaluation run: an interrupted run is an error that says how to resume;
+/// a complete one lists the files written in `out` (`plot` is the PNG's name).
+pub fn finish_run(
+    complete: bool,
+    finished: usize,
+    unit: &str,
+    out: &std::path::Path,
+    plot: &str,
+) -> Result<()> {
+    use crate::eval::runlog::RESULTS_JSONL;
+    if !complete {
+        anyhow::bail!(
+            "interrupted after {finished} {unit}; they are saved in {} — rerun the same command (with --out {}) to resume",
+            out.join(RESULTS_JSONL).display(),
+            out.display()
+        );
+    }
+    println!(
+        "\nwrote {RESULTS_JSONL}, results.json, summary.json and {plot} in {}",
+        out.display()
+    );
+    Ok(())
+}

@@ -107,21 +107,11 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
             c.length, c.length
         );
     }
-    if !report.complete {
-        bail!(
-            "interrupted after {} windows; they are saved in {} — rerun the same command (with --out {}) to resume",
-            report.windows.len(),
-            out.join(crate::eval::runlog::RESULTS_JSONL).display(),
-            out.display()
-        );
-    }
-    println!(
-        "\nwrote {}, {}, {} and {} in {}",
-        crate::eval::runlog::RESULTS_JSONL,
-        files::RESULTS_JSON,
-        files::SUMMARY_JSON,
+    super::common::finish_run(
+        report.complete,
+        report.windows.len(),
+        "windows",
+        &out,
         files::PLOT_PNG,
-        out.display()
-    );
-    Ok(())
+    )
 }

@@ -6,7 +6,7 @@ use crate::eval::passkey::{
     files, resolve_template, run_passkey, Haystack, PasskeyJob, PasskeySettings,
 };
 use crate::eval::RunOptions;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -75,21 +75,11 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
     };
     let report = run_passkey(&job)?;
     print!("{}", report.grid.table());
-    if !report.complete {
-        bail!(
-            "interrupted after {} samples; they are saved in {} — rerun the same command (with --out {}) to resume",
-            report.samples.len(),
-            out.join(crate::eval::runlog::RESULTS_JSONL).display(),
-            out.display()
-        );
-    }
-    println!(
-        "\nwrote {}, {}, {} and {} in {}",
-        crate::eval::runlog::RESULTS_JSONL,
-        files::RESULTS_JSON,
-        files::SUMMARY_JSON,
+    super::common::finish_run(
+        report.complete,
+        report.samples.len(),
+        "samples",
+        &out,
         files::HEATMAP_PNG,
-        out.display()
-    );
-    Ok(())
+    )
 }
