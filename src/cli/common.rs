@@ -115,13 +115,13 @@ impl EvalRunArgs {
 }
 
 /// Ends an evaluation run: an interrupted run is an error that says how to resume;
-/// a complete one lists the files written in `out` (`plot` is the PNG's name).
+/// a complete one lists the files written in `out` besides the streamed results.
 pub fn finish_run(
     complete: bool,
     finished: usize,
     unit: &str,
     out: &std::path::Path,
-    plot: &str,
+    written: &[&str],
 ) -> Result<()> {
     use crate::eval::runlog::RESULTS_JSONL;
     if !complete {
@@ -132,7 +132,8 @@ pub fn finish_run(
         );
     }
     println!(
-        "\nwrote {RESULTS_JSONL}, results.json, summary.json and {plot} in {}",
+        "\nwrote {RESULTS_JSONL}, {} in {}",
+        written.join(", "),
         out.display()
     );
     Ok(())

@@ -112,6 +112,6 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         report.windows.len(),
         "windows",
         &out,
-        files::PLOT_PNG,
+        &[files::RESULTS_JSON, files::SUMMARY_JSON, files::PLOT_PNG],
     )
 }

@@ -80,6 +80,6 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         report.samples.len(),
         "samples",
         &out,
-        files::HEATMAP_PNG,
+        &[files::RESULTS_JSON, files::SUMMARY_JSON, files::HEATMAP_PNG],
     )
 }
