@@ -2,14 +2,15 @@
 """Reference throughput of Hugging Face transformers' MambaForCausalLM (PyTorch), measured
 the way `decimamba bench` measures itself, and written in the same JSON layout.
 
-Random weights of a public Mamba shape, batch 1, last-token logits, best of --repeats per
-length; decode = greedy one-token steps with the model's cache after a 128-token prompt.
+Random weights of a public Mamba shape, batch 1, last-token logits, median of --repeats per
+length (as `decimamba bench`); decode = greedy one-token steps with the model's cache after a 128-token prompt.
 On a machine without mamba_ssm/causal_conv1d transformers uses its pure-PyTorch path.
 
     python3 scripts/bench_hf.py --shape 130m --lengths 512,2048 --decode 64 --threads 2 --json hf.json
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -55,15 +56,16 @@ def main():
         model(torch.randint(0, 50000, (1, 64), device=a.device), use_cache=False, logits_to_keep=1)
         for length in parse_lengths(a.lengths):
             ids = torch.randint(0, 50000, (1, length), device=a.device)
-            best = float("inf")
+            runs = []
             for _ in range(max(1, a.repeats)):
                 sync()
                 t = time.perf_counter()
                 model(ids, use_cache=False, logits_to_keep=1)
                 sync()
-                best = min(best, time.perf_counter() - t)
-            report["prefill"][str(length)] = {"s": best, "tok_per_s": length / best}
-            print(f"{length:>8}  {best:>10.3f}  {length / best:>12.1f}", flush=True)
+                runs.append(time.perf_counter() - t)
+            med = statistics.median(runs)
+            report["prefill"][str(length)] = {"s": med, "tok_per_s": length / med, "runs_s": runs}
+            print(f"{length:>8}  {med:>10.3f}  {length / med:>12.1f}", flush=True)
         if a.decode:
             # transformers' own generate() with its Mamba cache, greedy; the decode rate is
             # (N - 1) / (t(N tokens) - t(1 token)), so the prompt's prefill cancels out.

@@ -9,11 +9,14 @@
 #
 # Through this workplace's device tool (run from the repo root here, after
 # scripts/build-cuda.sh):
-#   run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=600)
+#   run(command="bash scripts/gpu-check.sh", carry=[".gpu", ".ref"], timeout_s=600)
 # Elsewhere: copy the repo (tests/fixtures is read by the tests) and .gpu/ to the GPU
 # machine and run `OUT=results bash scripts/gpu-check.sh`.
 #
-# GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmark.
+# GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmark. Benchmarks report the
+# median of REPEATS (default 5) prefills. With .ref/selective_scan present (scripts/
+# fetch-reference-src.sh), the reference kernel path is built and timed in the same run and
+# scripts/gpu_compare.py writes the side-by-side table to $OUT/compare.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -62,7 +65,7 @@ bench() { # bench <seconds> <name> <args...>
     local secs=$1 name=$2
     shift 2
     echo "== bench $name: $*"
-    timeout "$secs" "$BIN/decimamba" bench --device cuda "$@" --json "$OUT/bench-$name.json" 2>&1 \
+    timeout "$secs" "$BIN/decimamba" bench --device cuda --repeats "${REPEATS:-5}" "$@" --json "$OUT/bench-$name.json" 2>&1 \
         | tee -a "$OUT/bench.log"
     local rc=${PIPESTATUS[0]}
     echo "bench $name exit $rc" | tee -a "$OUT/bench.log"
@@ -70,7 +73,19 @@ bench() { # bench <seconds> <name> <args...>
 }
 bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
 if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
-    bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,32k,128k --decode 256 --compare-decimation
-    bench 90 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+    bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+    bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+    bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 --compare-decimation
+fi
+
+# 3. The reference in the same run: mamba_ssm's selective-scan kernel around PyTorch (the
+#    authors' non-fused path), built here from .ref/selective_scan (scripts/
+#    fetch-reference-src.sh fetches it; carry it with .gpu). Then the side-by-side table.
+if [[ -z ${GPU_CHECK_QUICK:-} && -f .ref/selective_scan/selective_scan.cpp ]]; then
+    echo "== reference: mamba_ssm selective_scan (non-fused PyTorch path)"
+    PYTHONUNBUFFERED=1 timeout 290 python3 scripts/gpu_reference_bench.py --src .ref/selective_scan \
+        --runs 130m:bf16,2.8b:bf16,130m:fp32,2.8b:fp32 --lengths 2k,8k,32k,128k --decimated \
+        --deadline 250 --out "$OUT" 2>&1 | tee "$OUT/reference.log"
+    python3 scripts/gpu_compare.py "$OUT" | tee "$OUT/compare.md"
 fi
 exit $status

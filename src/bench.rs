@@ -19,7 +19,6 @@ pub fn random_model(
     device: &Device,
     seed: u64,
 ) -> Result<MambaModel> {
-    let mut rng = Normal::new(seed);
     let (d, di, n, r, k, v) = (
         config.d_model,
         config.d_inner,
@@ -29,9 +28,23 @@ pub fn random_model(
         config.vocab_size,
     );
     let mut t: HashMap<String, Tensor> = HashMap::new();
+    // Each tensor, and each 1M-element chunk of it, has its own seeded stream, so the
+    // 2.8b shape's weights are drawn on all cores and still the same on every run.
+    let mut tensor_no = 0u64;
     let mut randn = |shape: &[usize], std: f64| -> Result<Tensor> {
+        use rayon::prelude::*;
+        tensor_no += 1;
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.sample() * std as f32).collect();
+        let mut v = vec![0f32; n];
+        v.par_chunks_mut(1 << 20).enumerate().for_each(|(c, out)| {
+            let mut rng = Normal::new(
+                seed ^ tensor_no.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (c as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+            for x in out {
+                *x = rng.sample() * std as f32;
+            }
+        });
         Ok(Tensor::from_vec(v, shape, device)?)
     };
     t.insert("backbone.embedding.weight".into(), randn(&[v, d], 0.02)?);
@@ -136,8 +149,11 @@ pub fn reset_peak_rss() {
 /// One prefill measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrefillResult {
+    /// Median over the repeats.
     pub s: f64,
     pub tok_per_s: f64,
+    /// Every repeat's time, in order.
+    pub runs_s: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
     /// Sequence length leaving each decimating layer.
@@ -183,7 +199,8 @@ fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Times one prefill of `len` random tokens (best of `repeats`).
+/// Times `repeats` prefills of `len` random tokens; reports the median (the anchors'
+/// statistic, ../shared/bench) and every run.
 pub fn time_prefill(
     model: &MambaModel,
     len: usize,
@@ -198,24 +215,41 @@ pub fn time_prefill(
         logits: LogitsSpan::Last(1),
         record_indices: false,
     };
-    let mut best = f64::INFINITY;
+    let mut runs = Vec::new();
     let mut kept = Vec::new();
     reset_peak_rss();
     for _ in 0..repeats.max(1) {
         let mut state = model.new_state(1);
         let start = Instant::now();
         let (_, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
-        best = best.min(start.elapsed().as_secs_f64());
+        runs.push(start.elapsed().as_secs_f64());
         if let Some(d) = decimation {
             kept = trace.kept_per_decimating_layer(d);
         }
     }
+    let s = median(&runs);
     Ok(PrefillResult {
-        s: best,
-        tok_per_s: len as f64 / best,
+        s,
+        tok_per_s: len as f64 / s,
+        runs_s: runs,
         peak_rss_mib: peak_rss_mib(),
         kept_per_layer: kept,
     })
+}
+
+/// Median of a non-empty sample (mean of the middle two for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Times `new_tokens` greedy decode steps after a `prompt_tokens` prefill.

@@ -134,6 +134,103 @@ fn prefill_then_decode_matches_reference() {
     }
 }
 
+/// The fused decode step in bf16 and f16 (batch 2, and the residual kept in the model
+/// dtype for tiny-dtrank-hf) continues a prefill as the full forward does: each step's
+/// logits are within the half-precision bound of the full forward's at that position.
+#[test]
+fn half_precision_decode_matches_full_forward() {
+    let gpu = cuda();
+    for dtype in [DType::BF16, DType::F16] {
+        for (dir, fixture) in [
+            ("tiny-rms-hf", "tiny-rms.logits.json"),
+            ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
+            ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
+        ] {
+            let model = load(dir, &gpu, dtype);
+            let ids = ids_of(&json(fixture)["input_ids"]);
+            let (batch, len) = (ids.len(), ids[0].len());
+            let full = vec_of(&model.forward(&tensor_ids(&ids, &gpu)).unwrap());
+            let vocab = full.len() / (batch * len);
+            let prompt = 5;
+            let mut state = model.new_state(batch);
+            let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..prompt].to_vec()).collect();
+            model
+                .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
+                .unwrap();
+            let mut worst = 0f32;
+            for pos in prompt..len {
+                let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
+                let got = vec_of(&model.step(&step_ids, &mut state).unwrap());
+                for b in 0..batch {
+                    let w = &full[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
+                    let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
+                    worst = worst.max(d);
+                    assert!(
+                        d < BF16_TOL,
+                        "{dir} {dtype:?}: position {pos} batch {b}: {d}"
+                    );
+                }
+            }
+            println!("{dir} {dtype:?}: fused decode vs full forward, max diff {worst:.3e}");
+        }
+    }
+}
+
+/// A batch wider than the fused decode step takes goes through the general path; both
+/// paths give the same logits.
+#[test]
+fn wide_batch_decode_uses_the_general_path_and_agrees() {
+    let gpu = cuda();
+    let model = load("tiny-rms-hf", &gpu, DType::F32);
+    let ids = ids_of(&json("tiny-rms.logits.json")["input_ids"]);
+    let wide: Vec<Vec<u32>> = (0..9).map(|i| ids[i % ids.len()].clone()).collect();
+    let prompt = 6;
+    let run = |rows: &[Vec<u32>]| {
+        let head: Vec<Vec<u32>> = rows.iter().map(|r| r[..prompt].to_vec()).collect();
+        let mut state = model.new_state(rows.len());
+        model
+            .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
+            .unwrap();
+        let mut out = Vec::new();
+        for pos in prompt..prompt + 4 {
+            let step_ids: Vec<u32> = rows.iter().map(|r| r[pos]).collect();
+            out.push(vec_of(&model.step(&step_ids, &mut state).unwrap()));
+        }
+        out
+    };
+    let (narrow, wide) = (run(&ids), run(&wide));
+    for (a, b) in narrow.iter().zip(&wide) {
+        let d = max_diff(a, &b[..a.len()]);
+        assert!(d < 1e-5, "fused vs general decode: {d}");
+    }
+}
+
+/// A cloned state is independent: decoding from the clone leaves the original as it was.
+#[test]
+fn cloned_device_state_is_independent() {
+    let gpu = cuda();
+    let model = load("tiny-rms-hf", &gpu, DType::F32);
+    let ids = ids_of(&json("tiny-rms.logits.json")["input_ids"]);
+    let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..8].to_vec()).collect();
+    let mut state = model.new_state(2);
+    model
+        .prefill_chunked(&tensor_ids(&head, &gpu), 8, &mut state)
+        .unwrap();
+    let mut fork = state.clone();
+    model.step(&[1, 2], &mut fork).unwrap();
+    model.step(&[3, 4], &mut fork).unwrap();
+    let a = vec_of(&model.step(&[5, 6], &mut state).unwrap());
+    let mut again = model.new_state(2);
+    model
+        .prefill_chunked(&tensor_ids(&head, &gpu), 8, &mut again)
+        .unwrap();
+    let b = vec_of(&model.step(&[5, 6], &mut again).unwrap());
+    assert!(
+        max_diff(&a, &b) < 1e-6,
+        "the clone's steps changed the original state"
+    );
+}
+
 #[test]
 fn chunked_prefill_on_gpu_equals_one_shot() {
     let gpu = cuda();

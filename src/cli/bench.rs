@@ -19,7 +19,7 @@ pub struct BenchArgs {
     /// Decode steps to time (0 = skip).
     #[arg(long, default_value_t = 64)]
     pub decode: usize,
-    /// Best of this many prefills per length.
+    /// Prefills per length; the median is reported (every run is in the JSON).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
     /// CPU threads (sets RAYON_NUM_THREADS); default: all cores.
@@ -123,8 +123,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
     );
+    crate::model::take_gpu_profile();
     for &len in &lengths {
         let r = bench::time_prefill(&model, len, None, args.repeats)?;
+        print_gpu_profile(&format!("{len} tokens"));
         println!(
             "{len:>8}  {:>10.3}  {:>12.1}  {:>10.0}",
             r.s,
@@ -144,6 +146,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 r.kept_per_layer,
                 base / r.s
             );
+            print_gpu_profile(&format!("{len} tokens, decimated"));
             report.prefill_decimated.insert(len, r);
         }
     }
@@ -160,4 +163,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1).
+fn print_gpu_profile(what: &str) {
+    let table = crate::model::take_gpu_profile();
+    if table.is_empty() {
+        return;
+    }
+    let total: f64 = table.iter().map(|e| e.1).sum();
+    eprintln!("GPU stages, {what} (all repeats, synchronised after each stage):");
+    for (name, secs, calls) in table {
+        eprintln!(
+            "  {name:<16} {:>9.2} ms  {:>5.1}%  {calls} calls",
+            secs * 1e3,
+            100.0 * secs / total
+        );
+    }
 }

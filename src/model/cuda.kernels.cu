@@ -1,120 +1,369 @@
-// CUDA kernels of the Mamba-1 mixer (decimamba). Compiled at run time by NVRTC, with
-// -DNSTATE=<d_state>. All tensors are f32.
+// CUDA kernels of the Mamba-1 model (decimamba), compiled at run time by NVRTC with
+// -DNSTATE=<d_state>, -DDCONV=<d_conv> and -DELEM=<0: f32, 1: bf16, 2: f16>, the model's
+// dtype.
+//
+// Activations travel in the model dtype (`elem`); the recurrent state, the residual
+// stream and every accumulation are f32. Where the model rounds to its dtype (a GEMM's
+// output, a cast before a norm) the kernels round the same way, so the fused paths
+// compute what the unfused ops would.
 //
 // Layouts are token-major, as in the CPU kernels (src/model/kernels.rs): element
-// (b, t, d) of an [B, L, D] tensor sits at b*L*D + t*D + d unless explicit strides say
-// otherwise.
+// (b, t, d) of an [B, L, D] tensor sits at b*L*D + t*D + d unless strides say otherwise.
+// No headers: NVRTC then needs no include path, and the 16-bit conversions are a few
+// instructions written out below.
 
 #ifndef NSTATE
 #define NSTATE 16
 #endif
+#ifndef ELEM
+#define ELEM 0
+#endif
+#ifndef DCONV
+#define DCONV 4
+#endif
 
 typedef long long i64;
 
+#if ELEM == 0
+typedef float elem;
+__device__ __forceinline__ float ld(elem v) { return v; }
+__device__ __forceinline__ elem st(float v) { return v; }
+#elif ELEM == 1
+typedef unsigned short elem;  // bfloat16: the high half of an f32
+__device__ __forceinline__ float ld(elem v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ elem st(float f) {  // round to nearest even, as __float2bfloat16
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (elem)((u >> 16) | 0x40u);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (elem)(u >> 16);
+}
+#else
+typedef unsigned short elem;  // IEEE half
+__device__ __forceinline__ float ld(elem v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ elem st(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
+
+// The value `v` takes once stored in the model dtype.
+__device__ __forceinline__ float rnd(float v) { return ld(st(v)); }
+
 __device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
-// Causal depthwise conv1d + SiLU over `L` tokens, with the K-1 inputs that precede the
-// chunk in `hist` ([B, K-1, D]); the input x is the first D columns of rows of `xz`
-// (token (b, t) at b*bs + t*rs). Also writes the new window (the last K-1 inputs of
-// hist ++ chunk) into `new_hist`. One thread per output element.
-extern "C" __global__ void conv_silu(const float* __restrict__ xz, i64 bs, i64 rs,
-                                     const float* __restrict__ hist,
-                                     const float* __restrict__ wt,  // [K, D]
-                                     const float* __restrict__ bias, float* __restrict__ out,
-                                     float* __restrict__ new_hist, int B, int L, int D,
-                                     int K) {
-    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const int W = K - 1;
-    if (i < (i64)B * L * D) {
-        int d = (int)(i % D);
-        i64 bt = i / D;
-        int t = (int)(bt % L);
-        int b = (int)(bt / L);
-        float acc = bias[d];
-        for (int j = 0; j < K; ++j) {
-            int back = K - 1 - j;  // tap j multiplies the input `back` steps earlier
-            float v;
-            if (t >= back) {
-                v = xz[b * bs + (i64)(t - back) * rs + d];
-            } else {
-                v = hist[((i64)b * W + (W - (back - t))) * D + d];
-            }
-            acc += wt[(i64)j * D + d] * v;
+// 2^x in one MUFU instruction (relative error ~2^-22; tiny results flush to 0). The scan
+// evaluates d_state of these per token and channel: they bound its speed.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// softplus(v) = max(v, 0) + log1p(e^-|v|), stable for any v (as the CPU kernels).
+__device__ __forceinline__ float softplus_f(float v) {
+    return fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v)));
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+template <typename T>
+__device__ T block_sum(T v, T* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // `sh` may still be read from a previous call
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? sh[lane] : (T)0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+// ---------------------------------------------------------------------------------------
+// Norm statistics of one row of the residual stream, as Norm::forward computes them: the
+// row is first cast to the model dtype, then RMSNorm (nb == 0) or LayerNorm. Returns
+// (mean, 1/std); for RMSNorm the mean is 0. `row(i)` yields the f32 residual value i.
+template <typename Row>
+__device__ float2 norm_stats(Row row, int D, float eps, bool layer_norm, float* sh) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = rnd(row(i));
+        s += layer_norm ? v : v * v;
+    }
+    s = block_sum(s, sh);
+    if (!layer_norm) return make_float2(0.0f, rsqrtf(s / D + eps));
+    const float mean = s / D;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = rnd(row(i)) - mean;
+        q += v * v;
+    }
+    q = block_sum(q, sh);
+    return make_float2(mean, rsqrtf(q / D + eps));
+}
+
+__device__ __forceinline__ float norm_apply(float v, float2 st_, const elem* w, const elem* b,
+                                            int i) {
+    float o = (rnd(v) - st_.x) * st_.y * ld(w[i]);
+    if (b) o += ld(b[i]);
+    return rnd(o);
+}
+
+// Residual add + norm of a prefill, one warp per row of D:
+//   r' = r + delta (rounded to the model dtype when the residual is kept in it)
+//   out = norm(r') in the model dtype, r' first cast to it (as Norm::forward).
+// delta == 0: no add (r' = r, res_out unused). out == 0: only the add. LayerNorm when
+// b != 0, else RMSNorm.
+extern "C" __global__ void add_norm(const float* __restrict__ res_in,
+                                    const elem* __restrict__ delta, float* __restrict__ res_out,
+                                    const elem* __restrict__ w, const elem* __restrict__ b,
+                                    elem* __restrict__ out, int rows, int D, float eps,
+                                    int round_res) {
+    const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const i64 base = row * D;
+    const bool layer_norm = b != 0;
+    float s = 0.0f;
+    // Each lane reads back only the elements it wrote.
+    const float* r = (delta ? res_out : res_in) + base;
+    for (int i = lane; i < D; i += 32) {
+        float v = res_in[base + i];
+        if (delta) {
+            v += ld(delta[base + i]);
+            if (round_res) v = rnd(v);
+            res_out[base + i] = v;
         }
-        out[i] = silu_f(acc);
+        const float x = rnd(v);
+        s += layer_norm ? x : x * x;
     }
-    if (i < (i64)B * W * D) {
-        int d = (int)(i % D);
-        i64 bj = i / D;
-        int j = (int)(bj % W);
-        int b = (int)(bj / W);
-        int p = L - W + j;  // position in this chunk; negative: still in the old window
-        new_hist[i] = p >= 0 ? xz[b * bs + (i64)p * rs + d] : hist[((i64)b * W + (W + p)) * D + d];
+    if (!out) return;
+    s = warp_sum(s);
+    float mean = 0.0f, rstd;
+    if (layer_norm) {
+        mean = s / D;
+        float q = 0.0f;
+        for (int i = lane; i < D; i += 32) {
+            const float x = rnd(r[i]) - mean;
+            q += x * x;
+        }
+        rstd = rsqrtf(warp_sum(q) / D + eps);
+    } else {
+        rstd = rsqrtf(s / D + eps);
+    }
+    const float2 st_ = make_float2(mean, rstd);
+    for (int i = lane; i < D; i += 32) out[base + i] = st(norm_apply(r[i], st_, w, b, i));
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal depthwise conv1d + SiLU over `L` tokens, with the DCONV-1 inputs that precede
+// the chunk in `hist` ([B, DCONV-1, D], f32); the input x is the first D columns of rows
+// of `xz` (token (b, t) at b*bs + t*rs). Grid (channel blocks, time tiles, batch): a
+// thread runs `tile` consecutive tokens of one channel with the window in registers, so
+// every input is read once. The thread whose tile ends the chunk writes the new window
+// (the last DCONV-1 inputs of hist ++ chunk) into `new_hist`.
+extern "C" __global__ void conv_silu(const elem* __restrict__ xz, i64 bs, i64 rs,
+                                     const float* __restrict__ hist,
+                                     const float* __restrict__ wt,  // [DCONV, D]
+                                     const float* __restrict__ bias, elem* __restrict__ out,
+                                     float* __restrict__ new_hist, int L, int D, int tile) {
+    const int d = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.z;
+    const int t0 = blockIdx.y * tile;
+    if (d >= D || t0 >= L) return;
+    const int W = DCONV - 1;
+    const elem* xb = xz + b * bs + d;
+    float w[DCONV], win[DCONV > 1 ? DCONV - 1 : 1];
+#pragma unroll
+    for (int j = 0; j < DCONV; ++j) w[j] = wt[(i64)j * D + d];
+#pragma unroll
+    for (int j = 0; j < W; ++j) {  // inputs t0-W .. t0-1, oldest first
+        const int p = t0 - W + j;
+        win[j] = p >= 0 ? ld(xb[(i64)p * rs]) : hist[((i64)b * W + (W + p)) * D + d];
+    }
+    const float bi = bias[d];
+    const int t1 = min(L, t0 + tile);
+    elem* ob = out + (i64)b * L * D + d;
+#pragma unroll 8
+    for (int t = t0; t < t1; ++t) {
+        const float xv = ld(xb[(i64)t * rs]);
+        float acc = bi + w[W] * xv;  // tap j multiplies the input W-j steps back
+#pragma unroll
+        for (int j = 0; j < W; ++j) acc += w[j] * win[j];
+#pragma unroll
+        for (int j = 0; j + 1 < W; ++j) win[j] = win[j + 1];
+        if (W > 0) win[W - 1] = xv;
+        ob[(i64)t * D] = st(silu_f(acc));
+    }
+    if (t1 == L) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) new_hist[((i64)b * W + j) * D + d] = win[j];
     }
 }
 
-// delta = softplus(dt + bias), dt rows of D channels. softplus(v) = max(v,0) + log1p(e^-|v|).
-extern "C" __global__ void softplus_bias(const float* __restrict__ dt,
-                                         const float* __restrict__ bias, float* __restrict__ out,
-                                         i64 n, int D) {
-    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        float v = dt[i] + bias[i % D];
-        out[i] = fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v)));
+// DeciMamba's token score ‖Δ_t‖₂ over the D channels, Δ = softplus(dt + bias), one block
+// per token (Ben-Kish et al. 2025, §4: the L2 norm of Δ_t). Summed in f64 like the CPU.
+extern "C" __global__ void delta_norms(const elem* __restrict__ dt, const float* __restrict__ bias,
+                                       float* __restrict__ out, int D) {
+    __shared__ double sh[32];
+    const i64 base = (i64)blockIdx.x * D;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        double v = softplus_f(ld(dt[base + i]) + bias[i]);
+        s += v * v;
     }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)sqrt(s);
 }
 
-// Selective scan (Gu & Dao 2023, Alg. 2) with the discretisation fused:
-//   h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,   y_t = (C_t · h_t + D x_t) · SiLU(z_t).
-// One thread per (batch, channel) pair g = b*D + d, its NSTATE states in registers,
-// f32 throughout. blockIdx.y is a chunk of the time axis, so that short batches still
-// fill the GPU: every chunk but the last is first scanned from a zero state
-// (scan_chunk_summary: its end state S and Σ Δ), the summaries are chained in order per
-// (g, n) (scan_combine: chunk c starts from exp(A ΣΔ_{c-1}) h_in(c-1) + S_{c-1}), and
-// each chunk is scanned again from its true initial state, writing y (scan_output).
-// Memory is O(n_chunks · B · D · N): no [B, D, L, N] tensor.
+// ---------------------------------------------------------------------------------------
+// Selective scan (Gu & Dao 2023, Alg. 2) with the discretisation, softplus and gate fused:
+//   Δ_t = softplus(dt_t + bias),  h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,
+//   y_t = (C_t · h_t + D x_t) · SiLU(z_t).
+// One thread per (batch, channel), its NSTATE states in registers, f32 arithmetic; B_t and
+// C_t, shared by every channel, are staged through shared memory a tile of steps at a
+// time. blockIdx.y is a chunk of the time axis, so that short batches still fill the
+// GPU: every chunk but the last is first scanned from a zero state (scan_chunk_summary:
+// its end state S and Σ Δ), the summaries are chained in order per (g, n) (scan_combine:
+// chunk c starts from exp(A ΣΔ_{c-1}) h_in(c-1) + S_{c-1}), and each chunk is scanned
+// again from its true initial state, writing y (scan_output). Memory is
+// O(n_chunks · B · D · N): no [B, D, L, N] tensor.
 #define LOG2E 1.4426950408889634f
+#define TILE 32
+// Tuning of the scan (register use vs. occupancy), overridable at compile time.
+#ifndef SCAN_UNROLL
+#define SCAN_UNROLL 4
+#endif
+#ifndef SCAN_MIN_BLOCKS
+#define SCAN_MIN_BLOCKS 4
+#endif
+#define STRINGIFY(x) #x
+#define PRAGMA_UNROLL(n) _Pragma(STRINGIFY(unroll n))
 
 #define SCAN_PARAMS                                                                          \
-    const float *__restrict__ x, const float *__restrict__ delta,                            \
-        const float *__restrict__ bc, i64 bc_bs, i64 bc_rs, int b_off, int c_off,             \
-        const float *__restrict__ z, i64 z_bs, i64 z_rs, const float *__restrict__ A,         \
-        const float *__restrict__ Dskip, int B, int L, int D, int chunk_len
+    const elem *__restrict__ x, const elem *__restrict__ dt,                                 \
+        const float *__restrict__ dt_bias, const elem *__restrict__ bc, i64 bc_bs, i64 bc_rs, \
+        int b_off, int c_off, const elem *__restrict__ z, i64 z_bs, i64 z_rs,                \
+        const float *__restrict__ A, const float *__restrict__ Dskip, int B, int L, int D,    \
+        int chunk_len
 
-// S: [n_chunks][NSTATE][B*D] end states from zero; T: [n_chunks][B*D] sums of Δ.
-extern "C" __global__ void scan_chunk_summary(SCAN_PARAMS, float* __restrict__ S,
-                                              float* __restrict__ T) {
-    const i64 G = (i64)B * D;
-    const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const int c = blockIdx.y;
-    if (g >= G) return;
-    const int b = (int)(g / D), d = (int)(g % D);
-    float a2[NSTATE], h[NSTATE];
+// A row of NSTATE floats from shared memory, 16 bytes per load where the size allows
+// (every channel of the block reads the same row: broadcasts, and fewer of them).
+__device__ __forceinline__ void load_row(float* dst, const float* row) {
+#if NSTATE % 4 == 0
 #pragma unroll
-    for (int n = 0; n < NSTATE; ++n) {
-        a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
-        h[n] = 0.0f;
+    for (int q = 0; q < NSTATE / 4; ++q) {
+        const float4 v = reinterpret_cast<const float4*>(row)[q];
+        dst[4 * q] = v.x;
+        dst[4 * q + 1] = v.y;
+        dst[4 * q + 2] = v.z;
+        dst[4 * q + 3] = v.w;
+    }
+#else
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) dst[n] = row[n];
+#endif
+}
+
+// Grid: (channel blocks, chunks, batch). OUT = false: the summary pass (S, T);
+// OUT = true: the output pass from hin (strides hin_c/hin_g/hin_n), writing y and h1.
+template <bool OUT>
+__device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c, i64 hin_g,
+                          i64 hin_n, float* __restrict__ S, float* __restrict__ T,
+                          float* __restrict__ h1, elem* __restrict__ y) {
+    __shared__ __align__(16) float sB[TILE][NSTATE];
+    __shared__ __align__(16) float sC[OUT ? TILE : 1][NSTATE];
+    const int b = blockIdx.z, c = blockIdx.y;
+    const int d = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = d < D;
+    const i64 G = (i64)B * D, g = (i64)b * D + d;
+    float a2[NSTATE], h[NSTATE];
+    float bias = 0.0f, dskip = 0.0f;
+    if (active) {
+        bias = dt_bias[d];
+        dskip = Dskip[d];
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
+            h[n] = OUT ? hin[c * hin_c + g * hin_g + n * hin_n] : 0.0f;
+        }
     }
     float sdt = 0.0f;
     const int t0 = c * chunk_len;
     const int t1 = min(L, t0 + chunk_len);
-    const float* bcb = bc + b * bc_bs + b_off;
-    for (int t = t0; t < t1; ++t) {
-        const i64 r = ((i64)b * L + t) * D + d;
-        const float dt = delta[r];
-        const float dtx = dt * x[r];
-        const float* row = bcb + (i64)t * bc_rs;
-#pragma unroll
-        for (int n = 0; n < NSTATE; ++n) {
-            h[n] = exp2f(dt * a2[n]) * h[n] + dtx * row[n];
+    const elem* bcb = bc + b * bc_bs;
+    for (int tt = t0; tt < t1; tt += TILE) {
+        const int nt = min(TILE, t1 - tt);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt * NSTATE; i += blockDim.x) {
+            const int k = i / NSTATE, n = i % NSTATE;
+            const elem* row = bcb + (i64)(tt + k) * bc_rs;
+            sB[k][n] = ld(row[b_off + n]);
+            if (OUT) sC[k][n] = ld(row[c_off + n]);
         }
-        sdt += dt;
-    }
+        __syncthreads();
+        if (!active) continue;
+        PRAGMA_UNROLL(SCAN_UNROLL)
+        for (int k = 0; k < nt; ++k) {
+            const int t = tt + k;
+            const i64 r = ((i64)b * L + t) * D + d;
+            const float delta = softplus_f(ld(dt[r]) + bias);
+            const float xv = ld(x[r]);
+            const float dx = delta * xv;
+            float bk[NSTATE];
+            load_row(bk, sB[k]);
+            if (OUT) {
+                float ck[NSTATE];
+                load_row(ck, sC[k]);
+                float acc = 0.0f;
 #pragma unroll
-    for (int n = 0; n < NSTATE; ++n) {
-        S[((i64)c * NSTATE + n) * G + g] = h[n];
+                for (int n = 0; n < NSTATE; ++n) {
+                    h[n] = fast_exp2(delta * a2[n]) * h[n] + dx * bk[n];
+                    acc += h[n] * ck[n];
+                }
+                const float zv = ld(z[b * z_bs + (i64)t * z_rs + d]);
+                y[r] = st((acc + dskip * xv) * __fdividef(zv, 1.0f + __expf(-zv)));
+            } else {
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) h[n] = fast_exp2(delta * a2[n]) * h[n] + dx * bk[n];
+                sdt += delta;
+            }
+        }
     }
-    T[(i64)c * G + g] = sdt;
+    if (!active) return;
+    if (OUT) {
+        if (c == gridDim.y - 1) {
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) h1[g * NSTATE + n] = h[n];
+        }
+    } else {
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) S[((i64)c * NSTATE + n) * G + g] = h[n];
+        T[(i64)c * G + g] = sdt;
+    }
+}
+
+// S: [n_chunks][NSTATE][B*D] end states from zero; T: [n_chunks][B*D] sums of Δ.
+extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS)
+    scan_chunk_summary(SCAN_PARAMS, float* __restrict__ S,
+                                              float* __restrict__ T) {
+    scan_body<false>(x, dt, dt_bias, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
+                     L, D, chunk_len, 0, 0, 0, 0, S, T, 0, 0);
 }
 
 // One thread per (n, g): replaces S[c] by chunk c's initial state, chaining from h0
@@ -123,64 +372,251 @@ extern "C" __global__ void scan_combine(const float* __restrict__ A,
                                         const float* __restrict__ h0, float* __restrict__ S,
                                         const float* __restrict__ T, int B, int D,
                                         int n_chunks) {
-    const i64 G = (i64)B * D;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const int G = B * D;  // B*D*NSTATE < 2^31: the state itself is one allocation
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= G * NSTATE) return;
-    const int n = (int)(i / G);
-    const i64 g = i % G;
-    const int d = (int)(g % D);
+    const int n = i / G;
+    const int g = i % G;
+    const int d = g % D;
     const float a2 = A[(i64)d * NSTATE + n] * LOG2E;
     float carry = h0[g * NSTATE + n];
     for (int c = 0; c + 1 < n_chunks; ++c) {
         const i64 o = ((i64)c * NSTATE + n) * G + g;
         const float s = S[o];
         S[o] = carry;
-        carry = exp2f(a2 * T[(i64)c * G + g]) * carry + s;
+        carry = fast_exp2(a2 * T[(i64)c * G + g]) * carry + s;
     }
     S[((i64)(n_chunks - 1) * NSTATE + n) * G + g] = carry;
 }
 
 // Chunk c from its initial state hin[c*hin_c + g*hin_g + n*hin_n]; writes y, and the
 // final state h1 ([B*D][NSTATE]) from the last chunk.
-extern "C" __global__ void scan_output(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
+extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS) scan_output(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
                                        i64 hin_g, i64 hin_n, float* __restrict__ h1,
-                                       float* __restrict__ y) {
-    const i64 G = (i64)B * D;
-    const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const int c = blockIdx.y;
-    if (g >= G) return;
-    const int b = (int)(g / D), d = (int)(g % D);
-    float a2[NSTATE], h[NSTATE];
-    const float* h_init = hin + c * hin_c + g * hin_g;
+                                       elem* __restrict__ y) {
+    scan_body<true>(x, dt, dt_bias, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
+                    L, D, chunk_len, hin, hin_c, hin_g, hin_n, 0, 0, h1, y);
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode: one token per sequence, B ≤ MAXB sequences. A layer is four launches —
+// norm + in_proj + conv step, x_proj, dt_proj + scan step + gate, out_proj + residual
+// add — with the conv window and SSM state updated in place.
+#define MAXB 8
+
+// Elements of one 16-byte load.
+#define VEC (16 / (int)sizeof(elem))
+
+__device__ __forceinline__ void unpack(uint4 u, float* w) {
+#if ELEM == 0
+    w[0] = __uint_as_float(u.x);
+    w[1] = __uint_as_float(u.y);
+    w[2] = __uint_as_float(u.z);
+    w[3] = __uint_as_float(u.w);
+#else
+    const unsigned p[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-    for (int n = 0; n < NSTATE; ++n) {
-        a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
-        h[n] = h_init[n * hin_n];
+    for (int i = 0; i < 4; ++i) {
+        w[2 * i] = ld((elem)(p[i] & 0xffffu));
+        w[2 * i + 1] = ld((elem)(p[i] >> 16));
     }
-    const float dskip = Dskip[d];
-    const int t0 = c * chunk_len;
-    const int t1 = min(L, t0 + chunk_len);
-    const float* bcb = bc + b * bc_bs;
-    const float* zb = z + b * z_bs + d;
-    for (int t = t0; t < t1; ++t) {
-        const i64 r = ((i64)b * L + t) * D + d;
-        const float dt = delta[r];
-        const float xv = x[r];
-        const float dtx = dt * xv;
-        const float* row = bcb + (i64)t * bc_rs;
-        float acc = 0.0f;
-#pragma unroll
-        for (int n = 0; n < NSTATE; ++n) {
-            h[n] = exp2f(dt * a2[n]) * h[n] + dtx * row[b_off + n];
-            acc += h[n] * row[c_off + n];
-        }
-        const float zv = zb[(i64)t * z_rs];
-        y[r] = (acc + dskip * xv) * __fdividef(zv, 1.0f + __expf(-zv));
+#endif
+}
+
+// Stages the B input rows of a decode matvec in shared memory as f32 (B*K floats):
+// x in the model dtype, row stride K.
+__device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K) {
+    for (int i = threadIdx.x; i < B * K; i += blockDim.x) xs[i] = ld(x[i]);
+}
+
+// ... x = norm(residual), weight nw, bias nb (0: RMSNorm).
+__device__ void stage_norm(float* xs, const float* __restrict__ res, const elem* __restrict__ nw,
+                           const elem* __restrict__ nb, float eps, int B, int K, float* sh) {
+    for (int b = 0; b < B; ++b) {
+        const float* r = res + (i64)b * K;
+        const float2 s = norm_stats([&](int i) { return r[i]; }, K, eps, nb != 0, sh);
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xs[b * K + i] = norm_apply(r[i], s, nw, nb, i);
     }
-    if (c == gridDim.y - 1) {
+}
+
+// The conv step that in_proj's kernel runs for each of the first D of its output rows
+// (the x half of xz): the warp that produced x_t for channel d also convolves it with the
+// window ([B, DCONV-1, D], slot DCONV-2 the newest input), writes SiLU of that in the
+// model dtype (as the prefill's conv output) and shifts the window. One warp owns a
+// channel, so the in-place update needs no synchronisation.
+struct ConvStep {
+    float* window;
+    const float* wt;    // [DCONV, D]
+    const float* bias;  // [D]
+    elem* out;          // [B, D]
+    int D;
+};
+
+__device__ __forceinline__ void conv_step(const ConvStep& c, int b, int d, float xin) {
+    const int W = DCONV - 1;
+    float* s = c.window + (i64)b * W * c.D + d;
+    float acc = c.bias[d] + c.wt[(i64)W * c.D + d] * xin;
 #pragma unroll
-        for (int n = 0; n < NSTATE; ++n) {
-            h1[g * NSTATE + n] = h[n];
+    for (int j = 0; j < W; ++j) acc += c.wt[(i64)j * c.D + d] * s[(i64)j * c.D];
+#pragma unroll
+    for (int j = 0; j + 1 < W; ++j) s[(i64)j * c.D] = s[(i64)(j + 1) * c.D];
+    s[(i64)(W - 1) * c.D] = xin;
+    c.out[(i64)b * c.D + d] = st(silu_f(acc));
+}
+
+// y[b, n] = W[n, :] · xs[b, :] for b < B (W is [N, K] row-major), one warp per output row,
+// reading W 16 bytes at a time when vec_ok. The product is rounded to the model dtype,
+// then the bias added and rounded again (as a GEMM followed by a broadcast add); then
+//   OUT = 0: stored in the model dtype; OUT = 1: stored as f32 (logits);
+//   OUT = 2: added to the f32 residual in place (rounded when round_res);
+//   OUT = 3: stored in the model dtype, and rows n < conv.D run the conv step.
+template <int OUT>
+__device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
+                            const elem* __restrict__ bias, void* __restrict__ yout, int B, int K,
+                            int N, int vec_ok, int round_res, ConvStep conv = ConvStep{}) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    for (int n = blockIdx.x * warps + warp; n < N; n += gridDim.x * warps) {
+        const elem* wr = W + (i64)n * K;
+        float acc[MAXB];
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
+        int k0 = 0;
+        if (vec_ok) {
+            for (int k = lane * VEC; k + VEC <= K; k += 32 * VEC) {
+                float w[8];
+                unpack(*(const uint4*)(wr + k), w);
+#pragma unroll
+                for (int b = 0; b < MAXB; ++b) {
+                    if (b < B) {
+#pragma unroll
+                        for (int j = 0; j < VEC; ++j) acc[b] += w[j] * xs[b * K + k + j];
+                    }
+                }
+            }
+            k0 = K - K % VEC;
         }
+        for (int k = k0 + lane; k < K; k += 32) {
+            const float w = ld(wr[k]);
+#pragma unroll
+            for (int b = 0; b < MAXB; ++b)
+                if (b < B) acc[b] += w * xs[b * K + k];
+        }
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) acc[b] = warp_sum(acc[b]);
+        if (lane == 0) {
+            for (int b = 0; b < B; ++b) {
+                float v = rnd(acc[b]);
+                if (bias) v = rnd(v + ld(bias[n]));
+                const i64 o = (i64)b * N + n;
+                if (OUT == 0 || OUT == 3) {
+                    ((elem*)yout)[o] = st(v);
+                    if (OUT == 3 && n < conv.D) conv_step(conv, b, n, v);
+                } else if (OUT == 1) {
+                    ((float*)yout)[o] = v;
+                } else {
+                    float r = ((float*)yout)[o] + v;
+                    ((float*)yout)[o] = round_res ? rnd(r) : r;
+                }
+            }
+        }
+    }
+}
+
+#define MATVEC_W                                                                          \
+    const elem *__restrict__ W, const elem *__restrict__ bias, void *__restrict__ yout, int B, \
+        int K, int N, int vec_ok
+
+// The decode matvecs' staged input rows (dynamic shared memory, B*K floats).
+extern __shared__ float staged[];
+
+// norm(residual) · in_projᵀ (OUT 0) or · lm_headᵀ (OUT 1, f32 logits).
+template <int OUT>
+__device__ void norm_matvec(const float* res, const elem* nw, const elem* nb, float eps,
+                            int round_res, MATVEC_W, ConvStep conv = ConvStep{}) {
+    float* xs = staged;
+    __shared__ float sh[32];
+    stage_norm(xs, res, nw, nb, eps, B, K, sh);
+    __syncthreads();
+    matvec_rows<OUT>(xs, W, bias, yout, B, K, N, vec_ok, round_res, conv);
+}
+
+// norm(residual) · in_projᵀ → xz, and the conv step on its x half → x_t.
+extern "C" __global__ void matvec_norm_conv(const float* __restrict__ res,
+                                            const elem* __restrict__ nw,
+                                            const elem* __restrict__ nb, float eps, int round_res,
+                                            MATVEC_W, float* __restrict__ window,
+                                            const float* __restrict__ wt,
+                                            const float* __restrict__ cbias,
+                                            elem* __restrict__ xconv, int D) {
+    const ConvStep conv{window, wt, cbias, xconv, D};
+    norm_matvec<3>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok, conv);
+}
+
+extern "C" __global__ void matvec_norm_logits(const float* __restrict__ res,
+                                              const elem* __restrict__ nw,
+                                              const elem* __restrict__ nb, float eps,
+                                              int round_res, MATVEC_W) {
+    norm_matvec<1>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok);
+}
+
+// x_t · x_projᵀ: dt, B and C in the model dtype.
+extern "C" __global__ void matvec_plain(const elem* __restrict__ x, MATVEC_W) {
+    float* xs = staged;
+    stage_plain(xs, x, B, K);
+    __syncthreads();
+    matvec_rows<0>(xs, W, bias, yout, B, K, N, vec_ok, 0);
+}
+
+// y · out_projᵀ added to the residual in place.
+extern "C" __global__ void matvec_residual(const elem* __restrict__ x, int round_res, MATVEC_W) {
+    float* xs = staged;
+    stage_plain(xs, x, B, K);
+    __syncthreads();
+    matvec_rows<2>(xs, W, bias, yout, B, K, N, vec_ok, round_res);
+}
+
+// The residual stream of a decode step: residual[b] = embedding[ids[b]] in f32.
+extern "C" __global__ void embed_rows(const elem* __restrict__ emb, const unsigned* __restrict__ ids,
+                                      float* __restrict__ res, int B, int D) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * D) return;
+    const int b = i / D, d = i % D;
+    res[i] = ld(emb[(i64)ids[b] * D + d]);
+}
+
+// One scan step per (b, d), a warp each (lane n owns states n, n+32, ...; the loads of
+// the state, B, C and dt_proj's row are coalesced): dt = dt_w[d, :] · dbc[b, :R] (rounded
+// like the GEMM's output), Δ = softplus(dt + bias), the recurrence on x_t (from
+// matvec_norm_conv) and the gate z; h ([B, D, NSTATE]) is updated in place.
+extern "C" __global__ void scan_step(const elem* __restrict__ x, const elem* __restrict__ xz,
+                                     int xz_rs, const elem* __restrict__ dbc, int dbc_rs, int R,
+                                     const elem* __restrict__ dt_w,
+                                     const float* __restrict__ dt_bias,
+                                     const float* __restrict__ A, const float* __restrict__ Dskip,
+                                     float* __restrict__ h, elem* __restrict__ y, int B, int D) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (b, d) of this warp
+    const int lane = threadIdx.x & 31;
+    if (i >= B * D) return;
+    const int b = i / D, d = i % D;
+    const float xv = ld(x[i]);
+    const elem* row = dbc + (i64)b * dbc_rs;
+    const elem* w = dt_w + (i64)d * R;
+    float dt = 0.0f;
+    for (int r = lane; r < R; r += 32) dt += ld(w[r]) * ld(row[r]);
+    dt = warp_sum(dt);
+    const float delta = softplus_f(rnd(dt) + dt_bias[d]);
+    const float dx = delta * xv;
+    float* hs = h + (i64)i * NSTATE;
+    float acc = 0.0f;
+    for (int n = lane; n < NSTATE; n += 32) {
+        const float hn = fast_exp2(delta * (A[(i64)d * NSTATE + n] * LOG2E)) * hs[n] + dx * ld(row[R + n]);
+        hs[n] = hn;
+        acc += hn * ld(row[R + NSTATE + n]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const float zv = ld(xz[(i64)b * xz_rs + D + d]);
+        y[i] = st((acc + Dskip[d] * xv) * silu_f(zv));
     }
 }

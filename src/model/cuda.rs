@@ -1,31 +1,47 @@
-//! CUDA kernels of the mixer: causal depthwise conv + SiLU (with the conv window carried
-//! between calls), softplus(Δ + bias) and the selective scan, on f32 device tensors.
+//! CUDA kernels of the model (`cuda.kernels.cu`): the prefill mixer's causal conv + SiLU,
+//! DeciMamba's ‖Δ_t‖₂ scores, the chunked selective scan with softplus and gate fused,
+//! the residual add + norm between blocks, and a decode step of four launches per layer.
 //!
-//! The CUDA C source (`cuda.kernels.cu`) is compiled at run time with NVRTC, once per
-//! process and `d_state`, and loaded into each device through candle's module cache.
-//! Why NVRTC rather than nvcc in a build script: libnvrtc is already a run-time
-//! dependency of every candle CUDA binary, so this needs no nvcc at build time (CI and
-//! `cargo check --features cuda` stay toolkit-free), `d_state` becomes a compile-time
-//! constant (the state lives in registers, unrolled loops), and the PTX targets the GPU
-//! actually present instead of one architecture fixed at build time. The cost is a
-//! compile of ~100 ms on first use. PTX written by a newer NVRTC than the driver
-//! supports is rejected by the driver; scripts/gpu-check.sh uses the toolkit's NVRTC.
+//! Activations stay in the model dtype (f32, bf16 or f16) from one GEMM to the next; the
+//! recurrent state, the residual stream and all accumulation are f32. The kernels round
+//! to the model dtype exactly where the unfused ops would (a GEMM's output, a cast before
+//! a norm), so fusing changes no result beyond f32 summation order.
 //!
-//! Matmuls and norms stay candle ops (cuBLAS); everything here works on contiguous f32
-//! tensors in token-major layout, like the CPU kernels in `kernels.rs`.
+//! The CUDA C source is compiled at run time with NVRTC, once per process, `d_state` and
+//! dtype, and loaded into each device through candle's module cache. Why NVRTC rather
+//! than nvcc in a build script: libnvrtc is already a run-time dependency of every candle
+//! CUDA binary, so this needs no nvcc at build time (CI and `cargo check --features cuda`
+//! stay toolkit-free), `d_state` and the dtype become compile-time constants (the state
+//! lives in registers, unrolled loops), and the PTX targets the GPU actually present
+//! instead of one architecture fixed at build time. The cost is a compile of ~100 ms on
+//! first use. PTX written by a newer NVRTC than the driver supports is rejected by the
+//! driver; scripts/gpu-check.sh uses the toolkit's NVRTC.
+//!
+//! Matmuls of a prefill stay candle ops (cuBLAS). Every tensor handed to a kernel here is
+//! contiguous; row strides inside wider rows (z inside xz, B and C inside x_proj's output)
+//! are passed explicitly.
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Shape, Storage, StorageRef, Tensor};
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Shape, Storage, Tensor};
+use half::{bf16, f16};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 const SOURCE: &str = include_str!("cuda.kernels.cu");
 
-/// Threads per block of every kernel here.
+/// Threads per block of the element-wise and scan kernels.
 const BLOCK: u32 = 128;
+/// Threads per block of the row kernels (norms, scores, decode matvecs).
+const ROW_BLOCK: u32 = 256;
 
 /// Threads the scan aims to keep in flight (≈ 2 × 132 SMs × 2048): the time axis is cut
 /// into chunks until batch × d_inner × chunks reaches this.
@@ -36,11 +52,26 @@ const SCAN_MIN_CHUNK: usize = 64;
 /// Largest d_state the scan keeps in registers.
 const MAX_D_STATE: usize = 64;
 
+/// Most sequences one fused decode step takes (`MAXB` in the kernels).
+pub const MAX_DECODE_BATCH: usize = 8;
+/// Shared memory a decode matvec may stage its input rows in (the default limit).
+const DECODE_SMEM_BYTES: usize = 48 * 1024;
+
 fn check_d_state(d_state: usize) -> Result<()> {
     if d_state == 0 || d_state > MAX_D_STATE {
         bail!("the CUDA scan supports d_state 1..={MAX_D_STATE}, got {d_state}");
     }
     Ok(())
+}
+
+/// The kernels' `ELEM` for a model dtype.
+fn elem_kind(dtype: DType) -> Result<u8> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        other => bail!("the CUDA kernels run in f32, bf16 or f16, not {other:?}"),
+    }
 }
 
 /// The virtual architecture to compile for: the device's own where NVRTC knows it.
@@ -59,29 +90,66 @@ fn arch_of(dev: &CudaDevice) -> Option<&'static str> {
     })
 }
 
-/// PTX of the kernels for one `d_state` and architecture, compiled once per process.
-fn ptx_for(d_state: usize, arch: Option<&'static str>) -> Result<&'static str> {
-    type Cache = Mutex<HashMap<(usize, Option<&'static str>), &'static str>>;
+/// Largest d_conv the conv kernels keep in registers.
+const MAX_D_CONV: usize = 8;
+
+type PtxKey = (usize, usize, u8, Option<&'static str>);
+
+/// PTX of the kernels for one `d_state`, `d_conv`, dtype and architecture, compiled once
+/// per process.
+fn ptx_for(key: PtxKey) -> Result<&'static str> {
+    type Cache = Mutex<HashMap<PtxKey, &'static str>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let mut map = CACHE
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| anyhow!("PTX cache poisoned"))?;
-    if let Some(p) = map.get(&(d_state, arch)) {
+    if let Some(p) = map.get(&key) {
         return Ok(p);
     }
+    let (d_state, d_conv, elem, arch) = key;
     check_d_state(d_state)?;
+    if !(2..=MAX_D_CONV).contains(&d_conv) {
+        bail!("the CUDA conv kernels support d_conv 2..={MAX_D_CONV}, got {d_conv}");
+    }
+    let mut options = vec![
+        format!("-DNSTATE={d_state}"),
+        format!("-DDCONV={d_conv}"),
+        format!("-DELEM={elem}"),
+        "-std=c++17".into(),
+    ];
+    // For tuning experiments: e.g. "-DSCAN_UNROLL=2 -DSCAN_MIN_BLOCKS=6".
+    if let Ok(extra) = std::env::var("DECIMAMBA_NVRTC_FLAGS") {
+        options.extend(extra.split_whitespace().map(String::from));
+    }
     let opts = CompileOptions {
         arch,
-        options: vec![format!("-DNSTATE={d_state}")],
+        options,
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(SOURCE, opts)
         .map_err(|e| anyhow!("NVRTC could not compile the mixer kernels: {e:?}"))?;
-    // A handful of variants per process at most (one per d_state): leaking is fine.
+    // A handful of variants per process at most: leaking is fine.
     let src: &'static str = Box::leak(ptx.to_src().into_boxed_str());
-    map.insert((d_state, arch), src);
+    map.insert(key, src);
     Ok(src)
+}
+
+/// Name and PTX of the module for `p`'s shape and dtype on `dev`.
+fn module_of(dev: &CudaDevice, p: &MixerParams) -> Result<(String, &'static str)> {
+    let elem = elem_kind(p.dtype)?;
+    let d_conv = p.conv_weight_t.dim(0)?;
+    let ptx = ptx_for((p.d_state, d_conv, elem, arch_of(dev)))?;
+    Ok((format!("decimamba_n{}_k{d_conv}_e{elem}", p.d_state), ptx))
+}
+
+/// Loads kernel `name` of the module for `p` (candle's `CudaFunc` is not nameable outside
+/// candle, hence a macro).
+macro_rules! kernel {
+    ($dev:expr, $name:expr, $p:expr) => {{
+        let (module, ptx) = module_of($dev, $p)?;
+        $dev.get_or_load_custom_func($name, &module, ptx)?
+    }};
 }
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
@@ -91,43 +159,53 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-/// A read guard on a contiguous f32 CUDA tensor, handing out views for kernel arguments.
-struct Input<'a> {
-    guard: StorageRef<'a>,
-    offset: usize,
-    len: usize,
+/// Device address of the first element of a contiguous CUDA tensor of dtype `want`.
+///
+/// The address is handed to a kernel launched on the device's one stream while `t` is
+/// alive; candle frees device memory stream-ordered, so a tensor dropped after the launch
+/// is enqueued is still valid when the kernel runs.
+fn dptr(t: &Tensor, want: DType, what: &str) -> Result<u64> {
+    if t.dtype() != want || !t.is_contiguous() {
+        bail!(
+            "CUDA kernel input {what} must be contiguous {want:?} (got {:?}{})",
+            t.dtype(),
+            if t.is_contiguous() { "" } else { ", strided" }
+        );
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*storage else {
+        bail!("CUDA kernel input {what} is not on a CUDA device");
+    };
+    let stream = c.device.cuda_stream();
+    let base = match want {
+        DType::F32 => c.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => c.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
+        DType::F16 => c.as_cuda_slice::<f16>()?.device_ptr(&stream).0,
+        DType::U32 => c.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        other => bail!("no CUDA kernel takes {other:?}"),
+    };
+    Ok(base + (layout.start_offset() * want.size_in_bytes()) as u64)
 }
 
-impl<'a> Input<'a> {
-    fn new(t: &'a Tensor, what: &str) -> Result<Self> {
-        if t.dtype() != DType::F32 || !t.is_contiguous() {
-            bail!(
-                "CUDA kernel input {what} must be contiguous f32 (got {:?})",
-                t.dtype()
-            );
-        }
-        let (guard, layout) = t.storage_and_layout();
-        Ok(Self {
-            guard,
-            offset: layout.start_offset(),
-            len: t.elem_count(),
-        })
-    }
-
-    /// The tensor's elements from `skip` on.
-    fn view(&self, skip: usize) -> Result<CudaView<'_, f32>> {
-        match &*self.guard {
-            Storage::Cuda(c) => Ok(c
-                .as_cuda_slice::<f32>()?
-                .slice(self.offset + skip..self.offset + self.len)),
-            _ => bail!("CUDA kernel input is not on a CUDA device"),
-        }
-    }
-}
-
-fn wrap(out: CudaSlice<f32>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+/// An uninitialised tensor for a kernel to fill.
+///
+/// # Safety
+/// Every element must be written by a kernel before the tensor is read.
+unsafe fn alloc(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    let n = shape.elem_count();
+    let storage = match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<bf16>(n)?, dev.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<f16>(n)?, dev.clone()),
+        other => bail!("cannot allocate {other:?} for a CUDA kernel"),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
 }
 
 fn grid_1d(n: usize) -> LaunchConfig {
@@ -138,7 +216,38 @@ fn grid_1d(n: usize) -> LaunchConfig {
     }
 }
 
-/// Per-layer constants of the mixer on the device, all f32.
+/// One warp per row, ROW_BLOCK threads per block.
+fn grid_warps(rows: usize) -> LaunchConfig {
+    let per_block = (ROW_BLOCK / 32) as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
+        block_dim: (ROW_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn grid_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (ROW_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launches `func` with the arguments pushed in order.
+macro_rules! launch {
+    ($func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let func = $func;
+        let mut b = func.builder();
+        $( b.arg($arg); )*
+        // SAFETY: every call site passes the arguments in the order and with the types of
+        // the kernel it names in cuda.kernels.cu, device addresses of live tensors sized
+        // for the dimensions passed alongside them.
+        unsafe { b.launch($cfg) }?;
+    }};
+}
+
+/// Per-layer constants of the mixer on the device (f32), and the model dtype.
 #[derive(Debug, Clone)]
 pub struct MixerParams {
     /// Conv taps, tap-major `[d_conv, d_inner]`.
@@ -149,11 +258,82 @@ pub struct MixerParams {
     pub a: Tensor,
     pub d_skip: Tensor,
     pub d_state: usize,
+    /// The dtype activations travel in.
+    pub dtype: DType,
+}
+
+/// A norm's weights on the device (model dtype); `bias` only for LayerNorm.
+#[derive(Debug, Clone, Copy)]
+pub struct NormRef<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub eps: f32,
+}
+
+impl NormRef<'_> {
+    fn ptrs(&self, dtype: DType) -> Result<(u64, u64)> {
+        Ok((
+            dptr(self.weight, dtype, "norm weight")?,
+            opt_ptr(self.bias, dtype, "norm bias")?,
+        ))
+    }
+}
+
+fn opt_ptr(t: Option<&Tensor>, dtype: DType, what: &str) -> Result<u64> {
+    t.map_or(Ok(0), |t| dptr(t, dtype, what))
+}
+
+/// Between two blocks of a prefill: `residual` (`[rows, d]`, f32) plus the previous
+/// mixer's output `delta` (model dtype `p.dtype`; rounded to it when `round_res`, i.e. the residual
+/// is not kept in f32), then `norm` of the sum in the model dtype when `norm_out`.
+/// Returns (new residual, normed).
+pub fn add_norm(
+    residual: &Tensor,
+    delta: Option<&Tensor>,
+    norm: NormRef,
+    p: &MixerParams,
+    round_res: bool,
+    norm_out: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = cuda_device(residual)?;
+    let dtype = p.dtype;
+    let (rows, d) = residual.dims2()?;
+    let rp = dptr(residual, DType::F32, "residual")?;
+    let dp = opt_ptr(delta, dtype, "mixer output")?;
+    let (wp, bp) = norm.ptrs(dtype)?;
+    // SAFETY: the kernel writes every element of each output it is given.
+    let new_res = match delta {
+        Some(_) => Some(unsafe { alloc(&dev, DType::F32, (rows, d))? }),
+        None => None,
+    };
+    let normed = match norm_out {
+        true => Some(unsafe { alloc(&dev, dtype, (rows, d))? }),
+        false => None,
+    };
+    let nrp = opt_ptr(new_res.as_ref(), DType::F32, "residual")?;
+    let op = opt_ptr(normed.as_ref(), dtype, "normed")?;
+    let (rows_, d_, eps, rr) = (rows as i32, d as i32, norm.eps, round_res as i32);
+    launch!(
+        kernel!(&dev, "add_norm", p),
+        grid_warps(rows),
+        &rp,
+        &dp,
+        &nrp,
+        &wp,
+        &bp,
+        &op,
+        &rows_,
+        &d_,
+        &eps,
+        &rr
+    );
+    Ok((new_res.unwrap_or_else(|| residual.clone()), normed))
 }
 
 /// Causal depthwise conv + SiLU of `len` tokens of `batch` rows whose input x is the first
-/// `d` columns of `xz` (`[batch·len, 2d]`, f32), continuing from `hist`
-/// (`[batch, k−1, d]`). Returns x after conv+SiLU `[batch·len, d]` and the new window.
+/// `d` columns of `xz` (`[batch·len, 2d]`, model dtype), continuing from `hist`
+/// (`[batch, k−1, d]`, f32). Returns x after conv+SiLU `[batch·len, d]` (model dtype)
+/// and the new window.
 pub fn conv_silu(
     xz: &Tensor,
     hist: &Tensor,
@@ -167,78 +347,79 @@ pub fn conv_silu(
         bail!("the CUDA conv kernel needs d_conv ≥ 2");
     }
     let row = xz.dim(1)?;
-    let func = dev.get_or_load_custom_func("conv_silu", &module(p.d_state), ptx(&dev, p)?)?;
-    let (xi, hi) = (Input::new(xz, "xz")?, Input::new(hist, "conv state")?);
-    let (wi, bi) = (
-        Input::new(&p.conv_weight_t, "conv weight")?,
-        Input::new(&p.conv_bias, "conv bias")?,
-    );
-    let (xv, hv, wv, bv) = (xi.view(0)?, hi.view(0)?, wi.view(0)?, bi.view(0)?);
-    let n_out = batch * len * d;
-    let n_hist = batch * (k - 1) * d;
+    let xp = dptr(xz, p.dtype, "xz")?;
+    let hp = dptr(hist, DType::F32, "conv state")?;
+    let wp = dptr(&p.conv_weight_t, DType::F32, "conv weight")?;
+    let bp = dptr(&p.conv_bias, DType::F32, "conv bias")?;
     // SAFETY: the kernel writes every element of both outputs.
-    let mut out = unsafe { dev.alloc::<f32>(n_out)? };
-    let mut new_hist = unsafe { dev.alloc::<f32>(n_hist)? };
+    let out = unsafe { alloc(&dev, p.dtype, (batch * len, d))? };
+    let new_hist = unsafe { alloc(&dev, DType::F32, (batch, k - 1, d))? };
+    let (op, nhp) = (
+        dptr(&out, p.dtype, "conv out")?,
+        dptr(&new_hist, DType::F32, "conv state")?,
+    );
     let (bs, rs) = ((len * row) as i64, row as i64);
-    let (b_, l_, d_, k_) = (batch as i32, len as i32, d as i32, k as i32);
-    let mut builder = func.builder();
-    builder
-        .arg(&xv)
-        .arg(&bs)
-        .arg(&rs)
-        .arg(&hv)
-        .arg(&wv)
-        .arg(&bv)
-        .arg(&mut out)
-        .arg(&mut new_hist)
-        .arg(&b_)
-        .arg(&l_)
-        .arg(&d_)
-        .arg(&k_);
-    // SAFETY: argument types and order match `conv_silu` in cuda.kernels.cu; every index
-    // the kernel forms is bounded by the sizes passed.
-    unsafe { builder.launch(grid_1d(n_out.max(n_hist)))? };
-    drop(builder);
-    Ok((
-        wrap(out, &dev, (batch * len, d)),
-        wrap(new_hist, &dev, (batch, k - 1, d)),
-    ))
+    // Tokens per thread: 32, more when the grid's y extent (65535) would not cover L.
+    let tile = 32.max(len.div_ceil(65_535));
+    let (l_, d_, tile_) = (len as i32, d as i32, tile as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            d.div_ceil(BLOCK as usize) as u32,
+            len.div_ceil(tile) as u32,
+            batch as u32,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        kernel!(&dev, "conv_silu", p),
+        cfg,
+        &xp,
+        &bs,
+        &rs,
+        &hp,
+        &wp,
+        &bp,
+        &op,
+        &nhp,
+        &l_,
+        &d_,
+        &tile_
+    );
+    Ok((out, new_hist))
 }
 
-/// Δ = softplus(dt + bias) for `dt` `[rows, d_inner]` f32.
-pub fn softplus_bias(dt: &Tensor, p: &MixerParams) -> Result<Tensor> {
+/// DeciMamba's score of each token: ‖softplus(dt_t + bias)‖₂ over channels, for `dt`
+/// `[rows, d_inner]` (model dtype). Returns `[rows]` f32.
+pub fn delta_norms(dt: &Tensor, p: &MixerParams) -> Result<Tensor> {
     let dev = cuda_device(dt)?;
     let (rows, d) = dt.dims2()?;
-    let func = dev.get_or_load_custom_func("softplus_bias", &module(p.d_state), ptx(&dev, p)?)?;
-    let (di, bi) = (Input::new(dt, "dt")?, Input::new(&p.dt_bias, "dt bias")?);
-    let (dv, bv) = (di.view(0)?, bi.view(0)?);
-    let n = rows * d;
-    // SAFETY: the kernel writes every element.
-    let mut out = unsafe { dev.alloc::<f32>(n)? };
-    let (n_, d_) = (n as i64, d as i32);
-    let mut builder = func.builder();
-    builder.arg(&dv).arg(&bv).arg(&mut out).arg(&n_).arg(&d_);
-    // SAFETY: matches `softplus_bias` in cuda.kernels.cu.
-    unsafe { builder.launch(grid_1d(n))? };
-    drop(builder);
-    Ok(wrap(out, &dev, (rows, d)))
+    let dtp = dptr(dt, p.dtype, "dt")?;
+    let bp = dptr(&p.dt_bias, DType::F32, "dt bias")?;
+    // SAFETY: one block per row writes its score.
+    let out = unsafe { alloc(&dev, DType::F32, rows)? };
+    let op = dptr(&out, DType::F32, "scores")?;
+    let d_ = d as i32;
+    launch!(
+        kernel!(&dev, "delta_norms", p),
+        grid_rows(rows),
+        &dtp,
+        &bp,
+        &op,
+        &d_
+    );
+    Ok(out)
 }
 
-/// Pushes the arguments the kernels declare as `SCAN_PARAMS`, in that order.
-macro_rules! push_scan_params {
-    ($b:ident, $($arg:ident),*) => {
-        $( $b.arg(&$arg); )*
-    };
-}
-
-/// Inputs of [`selective_scan`]; all f32, contiguous, on one CUDA device.
+/// Inputs of [`selective_scan`]: contiguous, on one CUDA device, in the model dtype
+/// except `h0`.
 pub struct ScanArgs<'a> {
     pub batch: usize,
     pub len: usize,
     /// x after conv + SiLU, `[batch·len, d_inner]`.
     pub x: &'a Tensor,
-    /// Δ after softplus, `[batch·len, d_inner]`.
-    pub delta: &'a Tensor,
+    /// dt_proj's output before bias and softplus, `[batch·len, d_inner]`.
+    pub dt: &'a Tensor,
     /// Rows `[batch·len, w]` holding B at columns `b_offset..` and C at `c_offset..`.
     pub bc: &'a Tensor,
     pub b_offset: usize,
@@ -246,18 +427,18 @@ pub struct ScanArgs<'a> {
     /// Rows `[batch·len, w]` holding the gate z at columns `z_offset..z_offset+d_inner`.
     pub z: &'a Tensor,
     pub z_offset: usize,
-    /// Initial state `[batch, d_inner, d_state]`.
+    /// Initial state `[batch, d_inner, d_state]`, f32.
     pub h0: &'a Tensor,
 }
 
-/// The selective scan with fused discretisation and gating. Returns the gated output
-/// `[batch·len, d_inner]` and the final state `[batch, d_inner, d_state]`.
+/// The selective scan with fused discretisation, softplus and gating. Returns the gated
+/// output `[batch·len, d_inner]` (model dtype) and the final state
+/// `[batch, d_inner, d_state]` (f32).
 pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(s.x)?;
     let (d, n) = p.a.dims2()?;
     let (batch, len) = (s.batch, s.len);
-    let ptx = ptx(&dev, p)?;
-    let m = module(n);
+    let et = p.dtype;
 
     // Cut the time axis into chunks until the GPU is full (see the kernels' comment).
     let pairs = batch * d;
@@ -267,15 +448,14 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
     let n_chunks = len.div_ceil(chunk_len);
 
     let (bc_w, z_w) = (s.bc.dim(1)?, s.z.dim(1)?);
-    let xi = Input::new(s.x, "x")?;
-    let di = Input::new(s.delta, "delta")?;
-    let bci = Input::new(s.bc, "B/C")?;
-    let zi = Input::new(s.z, "z")?;
-    let ai = Input::new(&p.a, "A")?;
-    let dsi = Input::new(&p.d_skip, "D")?;
-    let hi = Input::new(s.h0, "ssm state")?;
-    let (xv, dv, bcv, zv) = (xi.view(0)?, di.view(0)?, bci.view(0)?, zi.view(s.z_offset)?);
-    let (av, dsv, hv) = (ai.view(0)?, dsi.view(0)?, hi.view(0)?);
+    let xp = dptr(s.x, et, "x")?;
+    let dtp = dptr(s.dt, et, "dt")?;
+    let dbp = dptr(&p.dt_bias, DType::F32, "dt bias")?;
+    let bcp = dptr(s.bc, et, "B/C")?;
+    let zp = dptr(s.z, et, "z")? + (s.z_offset * et.size_in_bytes()) as u64;
+    let ap = dptr(&p.a, DType::F32, "A")?;
+    let dsp = dptr(&p.d_skip, DType::F32, "D")?;
+    let hp = dptr(s.h0, DType::F32, "ssm state")?;
     let (bc_bs, bc_rs) = ((len * bc_w) as i64, bc_w as i64);
     let (z_bs, z_rs) = ((len * z_w) as i64, z_w as i64);
     let (b_off, c_off) = (s.b_offset as i32, s.c_offset as i32);
@@ -287,84 +467,628 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
         n_chunks as i32,
     );
     let cfg = LaunchConfig {
-        grid_dim: (pairs.div_ceil(BLOCK as usize) as u32, n_chunks as u32, 1),
+        grid_dim: (
+            d.div_ceil(BLOCK as usize) as u32,
+            n_chunks as u32,
+            batch as u32,
+        ),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the output pass writes every y element and every final-state element.
-    let mut y = unsafe { dev.alloc::<f32>(batch * len * d)? };
-    let mut h1 = unsafe { dev.alloc::<f32>(pairs * n)? };
-    if n_chunks == 1 {
-        let (hin_c, hin_g, hin_n) = (0i64, n as i64, 1i64);
-        let output = dev.get_or_load_custom_func("scan_output", &m, ptx)?;
-        let mut b = output.builder();
-        push_scan_params!(
-            b, xv, dv, bcv, bc_bs, bc_rs, b_off, c_off, zv, z_bs, z_rs, av, dsv, b_, l_, d_, cl_
-        );
-        b.arg(&hv)
-            .arg(&hin_c)
-            .arg(&hin_g)
-            .arg(&hin_n)
-            .arg(&mut h1)
-            .arg(&mut y);
-        // SAFETY: matches `scan_output` (SCAN_PARAMS, hin, strides, h1, y).
-        unsafe { b.launch(cfg)? };
+    let y = unsafe { alloc(&dev, et, (batch * len, d))? };
+    let h1 = unsafe { alloc(&dev, DType::F32, (batch, d, n))? };
+    let (yp, h1p) = (dptr(&y, et, "y")?, dptr(&h1, DType::F32, "state")?);
+    // Initial state of each chunk: h0 itself for one chunk, else the combined summaries.
+    let (sums, hin, hin_c, hin_g, hin_n) = if n_chunks == 1 {
+        (None, hp, 0i64, n as i64, 1i64)
     } else {
         // SAFETY: the summary pass writes slots 0..n_chunks−1 of both; the combine pass
         // reads those and writes every slot of S.
-        let mut sums = unsafe { dev.alloc::<f32>(n_chunks * n * pairs)? };
-        let mut dts = unsafe { dev.alloc::<f32>(n_chunks * pairs)? };
-        {
-            let summary = dev.get_or_load_custom_func("scan_chunk_summary", &m, ptx)?;
-            let mut b = summary.builder();
-            push_scan_params!(
-                b, xv, dv, bcv, bc_bs, bc_rs, b_off, c_off, zv, z_bs, z_rs, av, dsv, b_, l_, d_,
-                cl_
-            );
-            b.arg(&mut sums).arg(&mut dts);
-            let mut c = cfg;
-            c.grid_dim.1 = (n_chunks - 1) as u32;
-            // SAFETY: matches `scan_chunk_summary` (SCAN_PARAMS, S, T).
-            unsafe { b.launch(c)? };
-        }
-        {
-            let combine = dev.get_or_load_custom_func("scan_combine", &m, ptx)?;
-            let mut b = combine.builder();
-            b.arg(&av)
-                .arg(&hv)
-                .arg(&mut sums)
-                .arg(&dts)
-                .arg(&b_)
-                .arg(&d_)
-                .arg(&nc_);
-            // SAFETY: matches `scan_combine`; one thread per (state, pair).
-            unsafe { b.launch(grid_1d(pairs * n))? };
-        }
-        let (hin_c, hin_g, hin_n) = ((n * pairs) as i64, 1i64, pairs as i64);
-        let output = dev.get_or_load_custom_func("scan_output", &m, ptx)?;
-        let mut b = output.builder();
-        push_scan_params!(
-            b, xv, dv, bcv, bc_bs, bc_rs, b_off, c_off, zv, z_bs, z_rs, av, dsv, b_, l_, d_, cl_
+        let sums = unsafe { alloc(&dev, DType::F32, n_chunks * n * pairs)? };
+        let dts = unsafe { alloc(&dev, DType::F32, n_chunks * pairs)? };
+        let (sp, tp) = (dptr(&sums, DType::F32, "S")?, dptr(&dts, DType::F32, "T")?);
+        let mut c = cfg;
+        c.grid_dim.1 = (n_chunks - 1) as u32;
+        launch!(
+            kernel!(&dev, "scan_chunk_summary", p),
+            c,
+            &xp,
+            &dtp,
+            &dbp,
+            &bcp,
+            &bc_bs,
+            &bc_rs,
+            &b_off,
+            &c_off,
+            &zp,
+            &z_bs,
+            &z_rs,
+            &ap,
+            &dsp,
+            &b_,
+            &l_,
+            &d_,
+            &cl_,
+            &sp,
+            &tp
         );
-        b.arg(&sums)
-            .arg(&hin_c)
-            .arg(&hin_g)
-            .arg(&hin_n)
-            .arg(&mut h1)
-            .arg(&mut y);
-        // SAFETY: matches `scan_output` (SCAN_PARAMS, hin, strides, h1, y).
-        unsafe { b.launch(cfg)? };
+        launch!(
+            kernel!(&dev, "scan_combine", p),
+            grid_1d(pairs * n),
+            &ap,
+            &hp,
+            &sp,
+            &tp,
+            &b_,
+            &d_,
+            &nc_
+        );
+        (
+            Some((sums, dts)),
+            sp,
+            (n * pairs) as i64,
+            1i64,
+            pairs as i64,
+        )
+    };
+    launch!(
+        kernel!(&dev, "scan_output", p),
+        cfg,
+        &xp,
+        &dtp,
+        &dbp,
+        &bcp,
+        &bc_bs,
+        &bc_rs,
+        &b_off,
+        &c_off,
+        &zp,
+        &z_bs,
+        &z_rs,
+        &ap,
+        &dsp,
+        &b_,
+        &l_,
+        &d_,
+        &cl_,
+        &hin,
+        &hin_c,
+        &hin_g,
+        &hin_n,
+        &h1p,
+        &yp
+    );
+    drop(sums);
+    Ok((y, h1))
+}
+
+/// One layer's weights for the fused decode step (model dtype unless said).
+pub struct DecodeLayer<'a> {
+    pub norm: NormRef<'a>,
+    /// `[2·d_inner, d_model]` and its bias.
+    pub in_proj: (&'a Tensor, Option<&'a Tensor>),
+    /// `[dt_rank + 2·d_state, d_inner]`.
+    pub x_proj: &'a Tensor,
+    /// `[d_inner, dt_rank]`.
+    pub dt_proj: &'a Tensor,
+    /// `[d_model, d_inner]` and its bias.
+    pub out_proj: (&'a Tensor, Option<&'a Tensor>),
+    pub params: &'a MixerParams,
+    /// The layer's conv window `[batch, d_conv−1, d_inner]` and SSM state
+    /// `[batch, d_inner, d_state]` (f32), updated in place.
+    pub conv: &'a Tensor,
+    pub ssm: &'a Tensor,
+}
+
+/// The model as the fused decode step sees it.
+pub struct DecodeModel<'a> {
+    pub embedding: &'a Tensor,
+    pub layers: Vec<DecodeLayer<'a>>,
+    pub norm_f: NormRef<'a>,
+    pub lm_head: &'a Tensor,
+    pub dtype: DType,
+    /// Round the residual stream to the model dtype (the checkpoint keeps it there).
+    pub round_res: bool,
+}
+
+/// Whether [`decode_step`] takes `batch` sequences of this model: the decode matvecs
+/// stage their input rows in shared memory.
+pub fn decode_fits(batch: usize, d_model: usize, d_inner: usize) -> bool {
+    (1..=MAX_DECODE_BATCH).contains(&batch) && batch * d_model.max(d_inner) * 4 <= DECODE_SMEM_BYTES
+}
+
+/// Sizes of one decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DecodeDims {
+    batch: usize,
+    vocab: usize,
+    d_model: usize,
+    d_inner: usize,
+    dt_rank: usize,
+    /// Width of x_proj's output (dt_rank + 2·d_state).
+    xw: usize,
+}
+
+impl DecodeDims {
+    fn of(m: &DecodeModel, batch: usize) -> Result<Self> {
+        let (vocab, d_model) = m.embedding.dims2()?;
+        let first = m
+            .layers
+            .first()
+            .ok_or_else(|| anyhow!("model has no layers"))?;
+        let (d_inner, dt_rank) = first.dt_proj.dims2()?;
+        if !decode_fits(batch, d_model, d_inner) {
+            bail!("the fused decode step takes 1..={MAX_DECODE_BATCH} sequences of this width");
+        }
+        Ok(Self {
+            batch,
+            vocab,
+            d_model,
+            d_inner,
+            dt_rank,
+            xw: first.x_proj.dim(0)?,
+        })
     }
-    Ok((
-        wrap(y, &dev, (batch * len, d)),
-        wrap(h1, &dev, (batch, d, n)),
-    ))
 }
 
-fn module(d_state: usize) -> String {
-    format!("decimamba_mixer_n{d_state}")
+/// The activations of one decode step, reused from step to step (and baked into the
+/// step's CUDA graph). 16-bit activations are held as bytes: kernels take addresses.
+struct DecodeBuffers {
+    ids: CudaSlice<u32>,
+    residual: CudaSlice<f32>,
+    xz: CudaSlice<u8>,
+    xc: CudaSlice<u8>,
+    dbc: CudaSlice<u8>,
+    y: CudaSlice<u8>,
+    logits: CudaSlice<f32>,
 }
 
-fn ptx(dev: &CudaDevice, p: &MixerParams) -> Result<&'static str> {
-    ptx_for(p.d_state, arch_of(dev))
+/// Device addresses of [`DecodeBuffers`].
+struct DecodePtrs {
+    ids: u64,
+    residual: u64,
+    xz: u64,
+    xc: u64,
+    dbc: u64,
+    y: u64,
+    logits: u64,
+}
+
+impl DecodeBuffers {
+    fn new(dev: &CudaDevice, d: &DecodeDims, dtype: DType) -> Result<Self> {
+        let e = dtype.size_in_bytes();
+        let b = d.batch;
+        // SAFETY: each kernel of a step writes its output buffer before the next reads it
+        // (embed_rows the residual, in_proj xz, ...); ids are copied in before the step.
+        unsafe {
+            Ok(Self {
+                ids: dev.alloc::<u32>(b)?,
+                residual: dev.alloc::<f32>(b * d.d_model)?,
+                xz: dev.alloc::<u8>(b * 2 * d.d_inner * e)?,
+                xc: dev.alloc::<u8>(b * d.d_inner * e)?,
+                dbc: dev.alloc::<u8>(b * d.xw * e)?,
+                y: dev.alloc::<u8>(b * d.d_inner * e)?,
+                logits: dev.alloc::<f32>(b * d.vocab)?,
+            })
+        }
+    }
+
+    fn ptrs(&self, dev: &CudaDevice) -> DecodePtrs {
+        let s = dev.cuda_stream();
+        let ptrs = DecodePtrs {
+            ids: self.ids.device_ptr(&s).0,
+            residual: self.residual.device_ptr(&s).0,
+            xz: self.xz.device_ptr(&s).0,
+            xc: self.xc.device_ptr(&s).0,
+            dbc: self.dbc.device_ptr(&s).0,
+            y: self.y.device_ptr(&s).0,
+            logits: self.logits.device_ptr(&s).0,
+        };
+        ptrs
+    }
+}
+
+/// A captured decode step: its CUDA graph, the buffers it reads and writes, and what it
+/// was captured for (batch and the address of every layer state).
+pub struct DecodeGraph {
+    key: Vec<u64>,
+    graph: GraphCell,
+    bufs: DecodeBuffers,
+}
+
+/// cudarc's graph is not `Send` because CUDA graph objects are not internally
+/// synchronised; every use of it here happens under the [`DecodeCache`] mutex.
+struct GraphCell(CudaGraph);
+// SAFETY: see above: the graph is only reached through a `Mutex`, which serialises all
+// API calls on it, as the CUDA docs require.
+unsafe impl Send for GraphCell {}
+
+impl std::fmt::Debug for DecodeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecodeGraph(batch {})", self.key.first().unwrap_or(&0))
+    }
+}
+
+/// The model's captured decode step, rebuilt when the batch or the states change.
+pub type DecodeCache = Mutex<Option<DecodeGraph>>;
+
+/// Whether decode steps replay a CUDA graph (`DECIMAMBA_CUDA_GRAPHS=0` turns it off),
+/// and stay off after a capture failed.
+static GRAPHS_OFF: AtomicBool = AtomicBool::new(false);
+
+fn graphs_enabled() -> bool {
+    static ENV_OFF: OnceLock<bool> = OnceLock::new();
+    let env_off = *ENV_OFF.get_or_init(|| {
+        std::env::var("DECIMAMBA_CUDA_GRAPHS").is_ok_and(|v| v == "0" || v == "off")
+    });
+    !env_off && !GRAPHS_OFF.load(Ordering::Relaxed)
+}
+
+/// One decode step of `ids` (one token per sequence): embedding, per layer norm, in_proj
+/// and conv step, x_proj, dt_proj + scan step + gate, out_proj + residual add; final norm and
+/// LM head; states updated in place. With a `cache`, the step's 2 + 4·n_layer launches are
+/// captured once into a CUDA graph and replayed (one launch per token). Returns the logits
+/// `[batch, vocab]`, f32.
+pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) -> Result<Tensor> {
+    let dev = cuda_device(m.embedding)?;
+    let dims = DecodeDims::of(m, ids.len())?;
+    let stream = dev.cuda_stream();
+    let logits_of = |src: &CudaSlice<f32>| -> Result<Tensor> {
+        // SAFETY: filled by the copy right below.
+        let mut out = unsafe { dev.alloc::<f32>(dims.batch * dims.vocab)? };
+        stream.memcpy_dtod(src, &mut out)?;
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        Ok(Tensor::from_storage(
+            storage,
+            (dims.batch, dims.vocab),
+            BackpropOp::none(),
+            false,
+        ))
+    };
+    if let Some(cache) = cache.filter(|_| graphs_enabled()) {
+        let mut key = vec![dims.batch as u64];
+        for l in &m.layers {
+            key.push(dptr(l.conv, DType::F32, "conv state")?);
+            key.push(dptr(l.ssm, DType::F32, "ssm state")?);
+        }
+        let mut slot = cache
+            .lock()
+            .map_err(|_| anyhow!("decode graph cache poisoned"))?;
+        if slot.as_ref().is_none_or(|g| g.key != key) {
+            *slot = None;
+            *slot = capture(m, &dev, &dims, key)?;
+        }
+        if let Some(g) = slot.as_mut() {
+            stream.memcpy_htod(ids, &mut g.bufs.ids)?;
+            g.graph.0.launch()?;
+            return logits_of(&g.bufs.logits);
+        }
+    }
+    let mut bufs = DecodeBuffers::new(&dev, &dims, m.dtype)?;
+    stream.memcpy_htod(ids, &mut bufs.ids)?;
+    enqueue_step(m, &dev, &dims, &bufs.ptrs(&dev))?;
+    logits_of(&bufs.logits)
+}
+
+/// Captures a decode step into a graph. `Ok(None)` (and graphs off for the process) when
+/// the driver refuses the capture; the caller then launches the kernels directly.
+fn capture(
+    m: &DecodeModel,
+    dev: &CudaDevice,
+    dims: &DecodeDims,
+    key: Vec<u64>,
+) -> Result<Option<DecodeGraph>> {
+    let bufs = DecodeBuffers::new(dev, dims, m.dtype)?;
+    let first = m
+        .layers
+        .first()
+        .ok_or_else(|| anyhow!("model has no layers"))?;
+    // Load the module before capturing: nothing but launches should happen inside.
+    let _ = kernel!(dev, "embed_rows", first.params);
+    let stream = dev.cuda_stream();
+    stream.synchronize()?;
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    if stream.begin_capture(mode).is_err() {
+        GRAPHS_OFF.store(true, Ordering::Relaxed);
+        return Ok(None);
+    }
+    let launched = enqueue_step(m, dev, dims, &bufs.ptrs(dev));
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    launched?;
+    match graph {
+        Ok(Some(graph)) => {
+            graph.upload()?;
+            Ok(Some(DecodeGraph {
+                key,
+                graph: GraphCell(graph),
+                bufs,
+            }))
+        }
+        _ => {
+            GRAPHS_OFF.store(true, Ordering::Relaxed);
+            Ok(None)
+        }
+    }
+}
+
+/// Enqueues the kernels of one decode step on the device's stream, reading the token ids
+/// from `b.ids` and leaving the logits in `b.logits`.
+fn enqueue_step(
+    m: &DecodeModel,
+    dev: &CudaDevice,
+    dims: &DecodeDims,
+    b: &DecodePtrs,
+) -> Result<()> {
+    let dev = dev.clone();
+    let et = m.dtype;
+    let first = m
+        .layers
+        .first()
+        .ok_or_else(|| anyhow!("model has no layers"))?;
+    let DecodeDims {
+        batch,
+        vocab,
+        d_model,
+        d_inner,
+        dt_rank,
+        xw,
+    } = *dims;
+    let (rp, xzp, xcp, dbcp, yp, idp) = (b.residual, b.xz, b.xc, b.dbc, b.y, b.ids);
+    let (b_, rr) = (batch as i32, m.round_res as i32);
+    let (dm_, di_, xw_, r_) = (d_model as i32, d_inner as i32, xw as i32, dt_rank as i32);
+    let xz_rs = 2 * di_;
+    let ep = dptr(m.embedding, et, "embedding")?;
+    launch!(
+        kernel!(&dev, "embed_rows", first.params),
+        grid_1d(batch * d_model),
+        &ep,
+        &idp,
+        &rp,
+        &b_,
+        &dm_
+    );
+    let (mv_norm, mv_plain, mv_res, scan_step) = (
+        kernel!(&dev, "matvec_norm_conv", first.params),
+        kernel!(&dev, "matvec_plain", first.params),
+        kernel!(&dev, "matvec_residual", first.params),
+        kernel!(&dev, "scan_step", first.params),
+    );
+    let null = 0u64;
+    for l in &m.layers {
+        let p = l.params;
+        let (nw, nb) = l.norm.ptrs(et)?;
+        let (iw, ib) = (
+            dptr(l.in_proj.0, et, "in_proj")?,
+            opt_ptr(l.in_proj.1, et, "in_proj bias")?,
+        );
+        let xpw = dptr(l.x_proj, et, "x_proj")?;
+        let dtw = dptr(l.dt_proj, et, "dt_proj")?;
+        let (ow, ob) = (
+            dptr(l.out_proj.0, et, "out_proj")?,
+            opt_ptr(l.out_proj.1, et, "out_proj bias")?,
+        );
+        let (cw, cb) = (
+            dptr(&p.conv_weight_t, DType::F32, "conv weight")?,
+            dptr(&p.conv_bias, DType::F32, "conv bias")?,
+        );
+        let (dtb, ap, dsp) = (
+            dptr(&p.dt_bias, DType::F32, "dt bias")?,
+            dptr(&p.a, DType::F32, "A")?,
+            dptr(&p.d_skip, DType::F32, "D")?,
+        );
+        let (convp, ssmp) = (
+            dptr(l.conv, DType::F32, "conv state")?,
+            dptr(l.ssm, DType::F32, "ssm state")?,
+        );
+        let n2 = 2 * di_;
+        let eps = l.norm.eps;
+        let vin = vec_ok(d_model, iw, et) as i32;
+        launch!(
+            &mv_norm,
+            matvec_cfg(2 * d_inner, batch, d_model),
+            &rp,
+            &nw,
+            &nb,
+            &eps,
+            &rr,
+            &iw,
+            &ib,
+            &xzp,
+            &b_,
+            &dm_,
+            &n2,
+            &vin,
+            &convp,
+            &cw,
+            &cb,
+            &xcp,
+            &di_
+        );
+        let vx = vec_ok(d_inner, xpw, et) as i32;
+        launch!(
+            &mv_plain,
+            matvec_cfg(xw, batch, d_inner),
+            &xcp,
+            &xpw,
+            &null,
+            &dbcp,
+            &b_,
+            &di_,
+            &xw_,
+            &vx
+        );
+        launch!(
+            &scan_step,
+            grid_warps(batch * d_inner),
+            &xcp,
+            &xzp,
+            &xz_rs,
+            &dbcp,
+            &xw_,
+            &r_,
+            &dtw,
+            &dtb,
+            &ap,
+            &dsp,
+            &ssmp,
+            &yp,
+            &b_,
+            &di_
+        );
+        let vo = vec_ok(d_inner, ow, et) as i32;
+        launch!(
+            &mv_res,
+            matvec_cfg(d_model, batch, d_inner),
+            &yp,
+            &rr,
+            &ow,
+            &ob,
+            &rp,
+            &b_,
+            &di_,
+            &dm_,
+            &vo
+        );
+    }
+    let (nw, nb) = m.norm_f.ptrs(et)?;
+    let hp = dptr(m.lm_head, et, "lm_head")?;
+    let lp = b.logits;
+    let (eps, v_) = (m.norm_f.eps, vocab as i32);
+    let vh = vec_ok(d_model, hp, et) as i32;
+    launch!(
+        kernel!(&dev, "matvec_norm_logits", first.params),
+        matvec_cfg(vocab, batch, d_model),
+        &rp,
+        &nw,
+        &nb,
+        &eps,
+        &rr,
+        &hp,
+        &null,
+        &lp,
+        &b_,
+        &dm_,
+        &v_,
+        &vh
+    );
+    Ok(())
+}
+
+/// Whether rows of `k` elements at `base` can be read 16 bytes at a time.
+fn vec_ok(k: usize, base: u64, dtype: DType) -> bool {
+    let size = dtype.size_in_bytes();
+    (k * size).is_multiple_of(16) && base.is_multiple_of(16)
+}
+
+/// Launch shape of a decode matvec with `n` output rows: a warp per row, 8 per block, the
+/// `batch` input rows of `k` f32 in shared memory.
+fn matvec_cfg(n: usize, batch: usize, k: usize) -> LaunchConfig {
+    let warps = (ROW_BLOCK / 32) as usize;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
+        block_dim: (ROW_BLOCK, 1, 1),
+        shared_mem_bytes: (batch * k * 4) as u32,
+    }
+}
+
+/// Per-stage GPU time of prefills, for finding where the time goes: with
+/// `DECIMAMBA_CUDA_PROFILE=1` each stage ends with a device synchronisation and its wall
+/// time is added to a process-wide table (`decimamba bench` prints it). Off, it costs one
+/// branch per stage. The synchronisations make the total slower than an unprofiled run.
+pub mod profile {
+    use candle_core::CudaDevice;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+
+    static TABLE: Mutex<Vec<(&'static str, f64, u64)>> = Mutex::new(Vec::new());
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| {
+            std::env::var("DECIMAMBA_CUDA_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0")
+        })
+    }
+
+    /// A running stopwatch between stages on one device.
+    pub struct Stages {
+        dev: CudaDevice,
+        last: Instant,
+    }
+
+    /// Starts timing (after the work queued so far), or `None` when profiling is off.
+    pub fn start(dev: &CudaDevice) -> Option<Stages> {
+        if !enabled() {
+            return None;
+        }
+        use candle_core::backend::BackendDevice;
+        dev.synchronize().ok()?;
+        Some(Stages {
+            dev: dev.clone(),
+            last: Instant::now(),
+        })
+    }
+
+    impl Stages {
+        /// Ends stage `name`: waits for its kernels and books the time since the last lap.
+        pub fn lap(&mut self, name: &'static str) {
+            use candle_core::backend::BackendDevice;
+            if self.dev.synchronize().is_err() {
+                return;
+            }
+            let now = Instant::now();
+            let dt = now.duration_since(self.last).as_secs_f64();
+            self.last = now;
+            if let Ok(mut t) = TABLE.lock() {
+                match t.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some(e) => {
+                        e.1 += dt;
+                        e.2 += 1;
+                    }
+                    None => t.push((name, dt, 1)),
+                }
+            }
+        }
+    }
+
+    /// Ends a stage if profiling.
+    pub fn lap(stages: &mut Option<Stages>, name: &'static str) {
+        if let Some(s) = stages {
+            s.lap(name);
+        }
+    }
+
+    /// The table so far (stage, total seconds, calls), and clears it.
+    pub fn take() -> Vec<(&'static str, f64, u64)> {
+        TABLE
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
+    }
+}
+
+/// Keeps memory freed on the device in its stream-ordered pool instead of handing it back
+/// to the driver at every synchronisation (the pool's default release threshold is 0).
+/// candle allocates each activation with `cuMemAllocAsync`, so without this a prefill
+/// re-maps gigabytes of fresh pages after each synchronisation; PyTorch's caching
+/// allocator keeps freed blocks the same way. Called once per model load.
+pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the device of a live context; `pool` receives a handle
+    // owned by the driver, `threshold` outlives the call that reads it.
+    unsafe {
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
 }

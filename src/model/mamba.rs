@@ -111,6 +111,17 @@ impl Norm {
     }
 }
 
+impl Norm {
+    #[cfg(feature = "cuda")]
+    fn as_ref(&self) -> cuda::NormRef<'_> {
+        cuda::NormRef {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            eps: self.eps,
+        }
+    }
+}
+
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(self.weight.dtype())?.contiguous()?;
@@ -126,10 +137,36 @@ impl Module for Norm {
 ///
 /// `conv` holds the `d_conv − 1` most recent mixer inputs (pre-conv x),
 /// `[batch, d_conv−1, d_inner]`; `ssm` the SSM state h, `[batch, d_inner, d_state]`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum LayerState {
     Host { conv: Vec<f32>, ssm: Vec<f32> },
     Device { conv: Tensor, ssm: Tensor },
+}
+
+/// A deep copy: decode steps update device states in place, so a clone must not share
+/// their memory.
+///
+/// # Panics
+/// If the device cannot allocate the (small) copies.
+impl Clone for LayerState {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Host { conv, ssm } => Self::Host {
+                conv: conv.clone(),
+                ssm: ssm.clone(),
+            },
+            Self::Device { conv, ssm } => {
+                let copy = |t: &Tensor| {
+                    t.copy()
+                        .expect("cannot copy the recurrent state on the device")
+                };
+                Self::Device {
+                    conv: copy(conv),
+                    ssm: copy(ssm),
+                }
+            }
+        }
+    }
 }
 
 /// Recurrent state of the whole model: what prefill hands to decoding.
@@ -311,6 +348,7 @@ impl Mixer {
                     a: Tensor::from_slice(&a, (di, n), dev)?,
                     d_skip: Tensor::from_slice(&d_skip, di, dev)?,
                     d_state: n,
+                    dtype: vb.dtype(),
                 })
             }
             _ => None,
@@ -363,8 +401,9 @@ impl Mixer {
     }
 
     /// The mixer on the GPU: candle matmuls (cuBLAS) around the CUDA kernels of
-    /// `cuda.rs`; every tensor stays on the device. Decimation computes ‖Δ_t‖₂ on the GPU
-    /// and copies only those L scores to the host for the top-K choice.
+    /// `cuda.rs`, activations in the model dtype, every tensor on the device. Decimation
+    /// computes ‖Δ_t‖₂ on the GPU and copies only those L scores to the host for the
+    /// top-K choice, then gathers the kept rows on the device.
     #[cfg(feature = "cuda")]
     fn forward_device(
         &self,
@@ -378,54 +417,53 @@ impl Mixer {
         };
         let (batch, len, d_model) = h.dims3()?;
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let dtype = h.dtype();
+        let mut prof = match h.device() {
+            Device::Cuda(dev) => cuda::profile::start(dev),
+            _ => None,
+        };
+        let lap = cuda::profile::lap;
         let xz = self
             .in_proj
             .forward(&h.reshape((batch * len, d_model))?)?
-            .to_dtype(DType::F32)?
             .contiguous()?;
+        lap(&mut prof, "in_proj");
         let (x_conv, window) = cuda::conv_silu(&xz, conv, p, batch, len)?;
         *conv = window;
-        let dbc = self.x_proj.forward(&x_conv.to_dtype(dtype)?)?;
+        lap(&mut prof, "conv");
+        let dbc = self.x_proj.forward(&x_conv)?.contiguous()?;
+        lap(&mut prof, "x_proj");
+        // dt before bias and softplus: the scan adds both as it reads it.
         let dt = dbc
             .narrow(1, 0, r)?
             .contiguous()?
             .matmul(&self.dt_proj_weight.t()?)?
-            .to_dtype(DType::F32)?
             .contiguous()?;
-        let delta = cuda::softplus_bias(&dt, p)?;
-        let dbc = dbc.to_dtype(DType::F32)?.contiguous()?;
+        lap(&mut prof, "dt_proj");
 
         let mut kept = None;
-        let (mut x_conv, mut delta, mut dbc, mut xz, mut scan_len) = (x_conv, delta, dbc, xz, len);
+        let (mut x_conv, mut dt, mut dbc, mut xz, mut scan_len) = (x_conv, dt, dbc, xz, len);
         if let Some(step) = decimation {
             if batch != 1 {
                 bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
             }
             let budget = step.cfg.budget(step.rank, len, step.protected_tail);
-            // ‖Δ_t‖₂ per token on the GPU; select_tokens on one-column rows gets the same
-            // scores back (√(s²) = s exactly in f64) and breaks ties as on the CPU.
-            let scores = delta
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            if let Some(idx) = select_tokens(&scores, 1, budget, step.protected_tail) {
+            let scores = cuda::delta_norms(&dt, p)?.to_vec1::<f32>()?;
+            if let Some(idx) = select_by_scores(&scores, budget, step.protected_tail) {
                 let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), h.device())?;
                 x_conv = x_conv.index_select(&idx_t, 0)?;
-                delta = delta.index_select(&idx_t, 0)?;
+                dt = dt.index_select(&idx_t, 0)?;
                 dbc = dbc.index_select(&idx_t, 0)?;
                 xz = xz.index_select(&idx_t, 0)?;
                 scan_len = idx.len();
                 kept = Some(idx);
             }
+            lap(&mut prof, "decimation");
         }
         let args = cuda::ScanArgs {
             batch,
             len: scan_len,
             x: &x_conv,
-            delta: &delta,
+            dt: &dt,
             bc: &dbc,
             b_offset: r,
             c_offset: r + n,
@@ -435,10 +473,12 @@ impl Mixer {
         };
         let (y, h1) = cuda::selective_scan(&args, p)?;
         *ssm = h1;
+        lap(&mut prof, "scan");
         let out = self
             .out_proj
-            .forward(&y.to_dtype(dtype)?)?
+            .forward(&y)?
             .reshape((batch, scan_len, d_model))?;
+        lap(&mut prof, "out_proj");
         Ok((out, kept))
     }
 
@@ -654,6 +694,15 @@ struct Block {
 /// (a few × L × d_inner floats) around cache size instead of growing with the prompt.
 const CPU_PREFILL_CHUNK: usize = 2048;
 
+/// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
+/// seconds, calls), cleared by the call. Empty without the `cuda` feature or profiling.
+pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
+    #[cfg(feature = "cuda")]
+    return cuda::profile::take();
+    #[cfg(not(feature = "cuda"))]
+    Vec::new()
+}
+
 /// A Mamba-1 language model.
 #[derive(Debug, Clone)]
 pub struct MambaModel {
@@ -666,6 +715,9 @@ pub struct MambaModel {
     device: Device,
     /// CPU prefills longer than twice this run their vanilla layers in chunks of it.
     prefill_chunk: Option<usize>,
+    /// The captured CUDA decode step (shared by clones, which share the weights).
+    #[cfg(feature = "cuda")]
+    decode_graph: std::sync::Arc<cuda::DecodeCache>,
 }
 
 impl MambaModel {
@@ -698,6 +750,10 @@ impl MambaModel {
             );
         }
         let norm_f = Norm::load(&backbone.pp("norm_f"), config)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = vb.device() {
+            cuda::keep_freed_memory(dev)?;
+        }
         // Tied checkpoints may still store a copy as lm_head.weight; the embedding is the truth.
         let lm_head = if !config.tie_embeddings {
             get(
@@ -717,6 +773,8 @@ impl MambaModel {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             prefill_chunk: Some(CPU_PREFILL_CHUNK),
+            #[cfg(feature = "cuda")]
+            decode_graph: Default::default(),
         })
     }
 
@@ -890,6 +948,10 @@ impl MambaModel {
         opts: &ForwardOptions,
         trace: &mut DecimationTrace,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            return self.run_blocks_device(residual, layers, state, opts, trace);
+        }
         let residual_dtype = residual.dtype();
         for i in layers {
             let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
@@ -917,6 +979,107 @@ impl MambaModel {
             });
         }
         Ok(residual)
+    }
+
+    /// [`Self::run_blocks`] on the GPU: the residual stream stays f32 (rounded to the
+    /// model dtype after each add when the checkpoint does not keep it in f32), and each
+    /// block's Add → Norm is one kernel that also adds the previous mixer's output.
+    #[cfg(feature = "cuda")]
+    fn run_blocks_device(
+        &self,
+        residual: Tensor,
+        layers: std::ops::Range<usize>,
+        state: &mut InferenceState,
+        opts: &ForwardOptions,
+        trace: &mut DecimationTrace,
+    ) -> Result<Tensor> {
+        let round_res = self.rounds_residual();
+        let d_model = self.config.d_model;
+        let mut residual = residual.to_dtype(DType::F32)?;
+        // The last mixer's output, added at the next block's norm (or at the end).
+        let mut pending: Option<(Tensor, usize)> = None;
+        for i in layers {
+            let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
+            let params = block
+                .mixer
+                .gpu
+                .as_ref()
+                .context("layer has no CUDA parameters")?;
+            let (batch, len_in, _) = residual.dims3()?;
+            let step = opts.decimation.and_then(|cfg| {
+                cfg.rank_of(i).map(|rank| DecimationStep {
+                    cfg,
+                    rank,
+                    protected_tail: opts.protected_tail,
+                    chunk: None,
+                })
+            });
+            let rows = residual.reshape((batch * len_in, d_model))?;
+            let delta = match &pending {
+                Some((out, _)) => Some(out.reshape((batch * len_in, d_model))?),
+                None => None,
+            };
+            let mut prof = match &self.device {
+                Device::Cuda(dev) => cuda::profile::start(dev),
+                _ => None,
+            };
+            let (new_res, normed) = cuda::add_norm(
+                &rows,
+                delta.as_ref(),
+                block.norm.as_ref(),
+                params,
+                round_res,
+                true,
+            )?;
+            residual = new_res.reshape((batch, len_in, d_model))?;
+            cuda::profile::lap(&mut prof, "add_norm");
+            let normed = normed
+                .context("add_norm returned no norm")?
+                .reshape((batch, len_in, d_model))?;
+            let (out, kept) = block.mixer.forward(&normed, layer_state, step)?;
+            if let Some(idx) = &kept {
+                let mut prof = match &self.device {
+                    Device::Cuda(dev) => cuda::profile::start(dev),
+                    _ => None,
+                };
+                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), &self.device)?;
+                residual = residual.index_select(&idx_t, 1)?;
+                cuda::profile::lap(&mut prof, "residual gather");
+            }
+            let len_out = out.dim(1)?;
+            pending = Some((out, i));
+            trace.layers.push(LayerTrace {
+                layer: i,
+                len_in,
+                len_out,
+                kept: if opts.record_indices { kept } else { None },
+            });
+        }
+        if let Some((out, i)) = pending {
+            let (batch, len, _) = residual.dims3()?;
+            let params = self.layers[i]
+                .mixer
+                .gpu
+                .as_ref()
+                .context("no CUDA parameters")?;
+            let (new_res, _) = cuda::add_norm(
+                &residual.reshape((batch * len, d_model))?,
+                Some(&out.reshape((batch * len, d_model))?),
+                self.norm_f.as_ref(),
+                params,
+                round_res,
+                false,
+            )?;
+            residual = new_res.reshape((batch, len, d_model))?;
+        }
+        Ok(residual)
+    }
+
+    /// Whether the residual stream is rounded to the model dtype after each add (the
+    /// checkpoint does not keep it in f32).
+    #[cfg(feature = "cuda")]
+    fn rounds_residual(&self) -> bool {
+        !self.config.residual_in_fp32 && self.dtype != DType::F32
     }
 
     /// Vanilla forward of a long sequence as consecutive chunks with the state carried: the
@@ -1006,6 +1169,27 @@ impl MambaModel {
 
     /// One decode step: `ids` holds one token per sequence. Never decimates.
     pub fn step(&self, ids: &[u32], state: &mut InferenceState) -> Result<Tensor> {
+        if ids.len() != state.batch {
+            bail!(
+                "state was made for batch {} but the step has {} tokens",
+                state.batch,
+                ids.len()
+            );
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            bail!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && cuda::decode_fits(ids.len(), self.config.d_model, self.config.d_inner)
+        {
+            let logits = self.step_device(ids, state)?;
+            state.seen_tokens += 1;
+            return Ok(logits);
+        }
         let t = Tensor::from_slice(ids, (ids.len(), 1), &self.device)?;
         let opts = ForwardOptions {
             logits: LogitsSpan::Last(1),
@@ -1013,6 +1197,38 @@ impl MambaModel {
         };
         let (logits, _) = self.forward_with_state(&t, state, &opts)?;
         Ok(logits.context("no logits")?.squeeze(1)?)
+    }
+
+    /// A decode step through the fused CUDA kernels (four launches per layer, replayed as
+    /// one CUDA graph), the states updated in place. Returns the logits `[batch, vocab]`.
+    #[cfg(feature = "cuda")]
+    fn step_device(&self, ids: &[u32], state: &mut InferenceState) -> Result<Tensor> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (block, layer_state) in self.layers.iter().zip(&state.layers) {
+            let LayerState::Device { conv, ssm } = layer_state else {
+                bail!("a CUDA model needs a state made by its own new_state");
+            };
+            let m = &block.mixer;
+            layers.push(cuda::DecodeLayer {
+                norm: block.norm.as_ref(),
+                in_proj: (&m.in_proj.weight, m.in_proj.bias.as_ref()),
+                x_proj: &m.x_proj.weight,
+                dt_proj: &m.dt_proj_weight,
+                out_proj: (&m.out_proj.weight, m.out_proj.bias.as_ref()),
+                params: m.gpu.as_ref().context("layer has no CUDA parameters")?,
+                conv,
+                ssm,
+            });
+        }
+        let model = cuda::DecodeModel {
+            embedding: &self.embedding,
+            layers,
+            norm_f: self.norm_f.as_ref(),
+            lm_head: &self.lm_head,
+            dtype: self.dtype,
+            round_res: self.rounds_residual(),
+        };
+        cuda::decode_step(&model, ids, Some(&self.decode_graph))
     }
 
     /// Index of the largest logit in the last dimension (greedy decoding).

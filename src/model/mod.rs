@@ -6,5 +6,6 @@ pub mod mamba;
 
 pub use config::{CheckpointFormat, MambaConfig};
 pub use mamba::{
-    DecimationTrace, ForwardOptions, InferenceState, LayerTrace, LogitsSpan, MambaModel,
+    take_gpu_profile, DecimationTrace, ForwardOptions, InferenceState, LayerTrace, LogitsSpan,
+    MambaModel,
 };

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Prints decimamba's GPU prefill timings next to the reference implementation's.
+
+Reads every *.json in DIR: our tool's reports (`decimamba bench --json`, e.g.
+bench-130m-bf16.json) and scripts/gpu_reference_bench.py's (ref-<shape>-<dtype>.json).
+Both have "model" (e.g. "random-130m"), "dtype" ("bf16"; our tool writes "f32" where the
+reference writes "fp32": both read as fp32), and "prefill" / "prefill_decimated" maps from
+token count (a decimal string) to {"s": median seconds, "tok_per_s", "runs_s", ...}. A file
+is taken as the reference when its "implementation" (or "impl") mentions mamba_ssm or its
+name starts with "ref-"; anything else with a "prefill" map is ours. Reports are matched by
+(shape, dtype) and printed as a markdown table, one row per length and variant: reference
+ms, decimamba ms, the speed-up reference/decimamba ("–" where either is missing), and
+the tokens kept per decimating layer ("ref / ours" where they differ).
+
+    python3 scripts/gpu_compare.py DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DTYPE_ALIASES = {"f32": "fp32", "float32": "fp32", "bfloat16": "bf16", "f16": "fp16",
+                 "float16": "fp16"}
+VARIANTS = (("prefill", "vanilla"), ("prefill_decimated", "decimated"))
+DASH = "–"
+
+
+def norm_dtype(d):
+    d = str(d or "?").strip().lower()
+    return DTYPE_ALIASES.get(d, d)
+
+
+def norm_shape(model):
+    m = str(model or "?")
+    return m[len("random-"):] if m.startswith("random-") else m
+
+
+def is_reference(path, report):
+    impl = str(report.get("implementation") or report.get("impl") or "")
+    return "mamba_ssm" in impl or path.name.startswith("ref-")
+
+
+def load(directory):
+    ours, ref = {}, {}
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"skipping {path.name}: {e}", file=sys.stderr)
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("prefill"), dict):
+            continue
+        key = (norm_shape(report.get("model")), norm_dtype(report.get("dtype")))
+        side = ref if is_reference(path, report) else ours
+        if key in side:
+            print(f"note: {path.name} replaces an earlier report for {key[0]} {key[1]}",
+                  file=sys.stderr)
+        side[key] = report
+    return ours, ref
+
+
+def seconds(report, variant, length):
+    entry = ((report or {}).get(variant) or {}).get(length)
+    if not isinstance(entry, dict):
+        return None
+    s = entry.get("s")
+    return float(s) if isinstance(s, (int, float)) and s > 0 else None
+
+
+def kept(report, variant, length):
+    entry = ((report or {}).get(variant) or {}).get(length) or {}
+    k = entry.get("kept_per_layer") if isinstance(entry, dict) else None
+    return k or None
+
+
+def fmt_kept(ref_kept, our_kept):
+    """Tokens leaving each decimating layer: one list when both agree, else "ref / ours"."""
+    text = [DASH if not k else ",".join(str(x) for x in k) for k in (ref_kept, our_kept)]
+    if ref_kept is None or our_kept is None or text[0] == text[1]:
+        return text[0] if ref_kept else text[1]
+    return f"{text[0]} / {text[1]}"
+
+
+def fmt_ms(s):
+    return DASH if s is None else f"{s * 1e3:.2f}"
+
+
+def table(ours, ref):
+    rows = []
+    for key in sorted(set(ours) | set(ref), key=lambda k: (k[0], k[1])):
+        o, r = ours.get(key), ref.get(key)
+        for variant, label in VARIANTS:
+            lengths = set(((o or {}).get(variant) or {})) | set(((r or {}).get(variant) or {}))
+            for length in sorted(lengths, key=lambda x: int(x) if str(x).isdigit() else 0):
+                rs, os_ = seconds(r, variant, length), seconds(o, variant, length)
+                speedup = f"{rs / os_:.2f}x" if rs and os_ else DASH
+                rows.append([key[0], key[1], str(length), label, fmt_ms(rs), fmt_ms(os_), speedup,
+                             fmt_kept(kept(r, variant, length), kept(o, variant, length))])
+    head = ["model", "dtype", "length", "prefill", "reference ms", "decimamba ms",
+            "speed-up (ref/ours)", "kept"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0 if len(sys.argv) == 2 else 2)
+    ours, ref = load(sys.argv[1])
+    if not ours and not ref:
+        sys.exit(f"no benchmark JSON found in {sys.argv[1]}")
+    print(table(ours, ref))
+    for key, report in sorted(ref.items()):
+        skipped = report.get("skipped") or []
+        extra = []
+        if report.get("check_rel_err") is not None:
+            extra.append(f"self-check rel err {report['check_rel_err']:.1e}")
+        if skipped:
+            extra.append("skipped: " + ", ".join(
+                f"{s.get('length')} {s.get('variant', '')} ({s.get('reason', '?')})" for s in skipped))
+        if extra:
+            print(f"\nreference {key[0]} {key[1]}: " + "; ".join(extra))
+    only = [k for k in ours if k not in ref] + [k for k in ref if k not in ours]
+    if only:
+        print("\nunmatched (one side only): " + ", ".join(f"{s} {d}" for s, d in sorted(set(only))))
+
+
+if __name__ == "__main__":
+    main()
