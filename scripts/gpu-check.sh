@@ -71,11 +71,13 @@ bench() { # bench <seconds> <name> <args...>
     echo "bench $name exit $rc" | tee -a "$OUT/bench.log"
     [[ $rc == 0 ]] || status=1
 }
-bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
+# DeciMamba as the reference times it (and as the anchors): layer 12 keeps 2,000 tokens.
+DECI="--compare-decimation --deci-layers 12 --deci-lbase 2000"
+bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
 if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
-    bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
-    bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 --compare-decimation
-    bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 --compare-decimation
+    bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
+    bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI
+    bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 $DECI
 fi
 
 # 3. The reference in the same run: mamba_ssm's selective-scan kernel around PyTorch (the
