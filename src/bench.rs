@@ -281,3 +281,16 @@ pub fn time_decode(
         tok_per_s: new_tokens as f64 / s,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_samples() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[0.25]), 0.25);
+        assert!(median(&[]).is_nan());
+    }
+}
