@@ -374,3 +374,42 @@ fn random_130m_shape_long_prompt_cpu_vs_cuda() {
     println!("130m shape decimated, f32: max |cuda - cpu| = {d:.3e}");
     assert!(d < F32_TOL * scale(&cpu), "decimated: {d}");
 }
+
+/// The GPU's top-K choice (radix select + ordered compaction) is exactly the CPU's
+/// `select_by_scores`, ties to the earlier position included: distinct scores, a few
+/// levels (many ties), all equal, zeros, and 200K-token rows.
+#[test]
+fn gpu_top_k_is_the_cpu_choice() {
+    use decimamba::decimation::select_by_scores;
+    use decimamba::model::select_top_k_on_device;
+    let gpu = cuda();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for (len, levels) in [
+        (50, 0),
+        (3000, 7),
+        (3000, 1),
+        (4097, 0),
+        (200_000, 0),
+        (200_000, 100),
+    ] {
+        let scores: Vec<f32> = (0..len)
+            .map(|_| match levels {
+                0 => uniform() * 3.0,
+                1 => 0.0,
+                l => (uniform() * l as f32).floor() / l as f32,
+            })
+            .collect();
+        for (tail, keep) in [(1, len / 3), (5, 1), (1, len - 2), (1, 2000.min(len / 2))] {
+            let candidates = len - tail;
+            let want = select_by_scores(&scores, keep, tail).expect("a real selection");
+            let got = select_top_k_on_device(&scores, candidates, keep, &gpu).unwrap();
+            assert_eq!(got, want, "len {len}, levels {levels}, keep {keep}, tail {tail}");
+        }
+    }
+}

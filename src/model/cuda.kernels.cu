@@ -231,6 +231,89 @@ extern "C" __global__ void delta_norms(const elem* __restrict__ dt, const float*
     if (threadIdx.x == 0) out[blockIdx.x] = (float)sqrt(s);
 }
 
+// Exclusive prefix sum over the block (blockDim.x = 1024 = 32 warps); also returns the
+// block total through `total`. `sh` holds 33 ints.
+__device__ int block_exclusive_scan(int v, int* sh, int* total) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();  // `sh` may still be read from a previous call
+    if (lane == 31) sh[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = sh[lane];
+        int wx = w;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, wx, o);
+            if (lane >= o) wx += y;
+        }
+        sh[lane] = wx - w;  // exclusive prefix of the warp totals
+        if (lane == 31) sh[32] = wx;
+    }
+    __syncthreads();
+    *total = sh[32];
+    return sh[warp] + x - v;
+}
+
+// DeciMamba's choice of tokens on the GPU, one block of 1024 threads: among the first C
+// positions, the K with the largest scores (ties to the earlier position, as
+// select_by_scores on the CPU), in ascending order, then the protected tail C..L-1.
+// Writes idx[0 .. K + L - C). Scores are ≥ 0, so their bit patterns order like their
+// values: a most-significant-byte-first radix select finds the K-th largest score T, then
+// one ordered pass keeps every score > T and the earliest ones equal to T.
+extern "C" __global__ void select_top_k(const float* __restrict__ scores, int C, int K, int L,
+                                        unsigned* __restrict__ idx) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned found[2];  // the chosen byte, and how many of the K remain
+    __shared__ int sh[33];
+    unsigned prefix = 0, mask = 0, remaining = (unsigned)K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < C; i += blockDim.x) {
+            const unsigned u = __float_as_uint(scores[i]);
+            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned acc = 0;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (acc + hist[bin] >= remaining) break;
+                acc += hist[bin];
+            }
+            found[0] = (unsigned)bin;
+            found[1] = remaining - acc;
+        }
+        __syncthreads();
+        prefix |= found[0] << shift;
+        mask |= 255u << shift;
+        remaining = found[1];
+        __syncthreads();
+    }
+    // prefix = T, the K-th largest score; `remaining` of the scores equal to T are kept.
+    int out_base = 0, eq_base = 0;
+    for (int start = 0; start < C; start += blockDim.x) {
+        const int i = start + threadIdx.x;
+        const unsigned u = i < C ? __float_as_uint(scores[i]) : 0u;
+        const bool gt = i < C && u > prefix;
+        const bool eq = i < C && u == prefix;
+        int eq_total, take_total;
+        const int eq_rank = eq_base + block_exclusive_scan(eq ? 1 : 0, sh, &eq_total);
+        const bool take = gt || (eq && eq_rank < (int)remaining);
+        const int pos = out_base + block_exclusive_scan(take ? 1 : 0, sh, &take_total);
+        if (take) idx[pos] = (unsigned)i;
+        out_base += take_total;
+        eq_base += eq_total;
+    }
+    for (int j = threadIdx.x; j < L - C; j += blockDim.x) idx[K + j] = (unsigned)(C + j);
+}
+
 // ---------------------------------------------------------------------------------------
 // Selective scan (Gu & Dao 2023, Alg. 2) with the discretisation, softplus and gate fused:
 //   Δ_t = softplus(dt_t + bias),  h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,

@@ -135,19 +135,29 @@ fn ptx_for(key: PtxKey) -> Result<&'static str> {
     Ok(src)
 }
 
-/// Name and PTX of the module for `p`'s shape and dtype on `dev`.
-fn module_of(dev: &CudaDevice, p: &MixerParams) -> Result<(String, &'static str)> {
-    let elem = elem_kind(p.dtype)?;
-    let d_conv = p.conv_weight_t.dim(0)?;
-    let ptx = ptx_for((p.d_state, d_conv, elem, arch_of(dev)))?;
-    Ok((format!("decimamba_n{}_k{d_conv}_e{elem}", p.d_state), ptx))
+/// What the kernels are compiled for: the model's d_state, d_conv and dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub dtype: DType,
 }
 
-/// Loads kernel `name` of the module for `p` (candle's `CudaFunc` is not nameable outside
-/// candle, hence a macro).
+/// Name and PTX of the module for `v` on `dev`.
+fn module_of(dev: &CudaDevice, v: Variant) -> Result<(String, &'static str)> {
+    let elem = elem_kind(v.dtype)?;
+    let ptx = ptx_for((v.d_state, v.d_conv, elem, arch_of(dev)))?;
+    Ok((
+        format!("decimamba_n{}_k{}_e{elem}", v.d_state, v.d_conv),
+        ptx,
+    ))
+}
+
+/// Loads kernel `name` of the module for a variant or anything with `.variant()`
+/// (candle's `CudaFunc` is not nameable outside candle, hence a macro).
 macro_rules! kernel {
     ($dev:expr, $name:expr, $p:expr) => {{
-        let (module, ptx) = module_of($dev, $p)?;
+        let (module, ptx) = module_of($dev, $p.variant())?;
         $dev.get_or_load_custom_func($name, &module, ptx)?
     }};
 }
@@ -260,6 +270,22 @@ pub struct MixerParams {
     pub d_state: usize,
     /// The dtype activations travel in.
     pub dtype: DType,
+}
+
+impl MixerParams {
+    pub fn variant(&self) -> Variant {
+        Variant {
+            d_state: self.d_state,
+            d_conv: self.conv_weight_t.dims2().map_or(0, |d| d.0),
+            dtype: self.dtype,
+        }
+    }
+}
+
+impl Variant {
+    fn variant(self) -> Variant {
+        self
+    }
 }
 
 /// A norm's weights on the device (model dtype); `bias` only for LayerNorm.
@@ -409,6 +435,40 @@ pub fn delta_norms(dt: &Tensor, p: &MixerParams) -> Result<Tensor> {
         &d_
     );
     Ok(out)
+}
+
+/// DeciMamba's kept positions on the GPU: the `keep` highest of `scores[..candidates]`
+/// (`[len]`, f32 ≥ 0; ties to the earlier position, as [`crate::decimation::select_by_scores`]),
+/// ascending, then the protected tail `candidates..len`. Returns `[keep + len − candidates]`
+/// u32 indices, still on the device: the gather needs no host round trip.
+pub fn select_top_k(scores: &Tensor, candidates: usize, keep: usize, v: Variant) -> Result<Tensor> {
+    let dev = cuda_device(scores)?;
+    let len = scores.dim(0)?;
+    if keep == 0 || keep >= candidates || candidates > len {
+        bail!("top-k of {keep} among {candidates} of {len} tokens is not a selection");
+    }
+    let sp = dptr(scores, DType::F32, "scores")?;
+    // SAFETY: the kernel writes all keep + (len − candidates) indices.
+    let out = unsafe { dev.alloc::<u32>(keep + len - candidates)? };
+    let op = out.device_ptr(&dev.cuda_stream()).0;
+    let (c_, k_, l_) = (candidates as i32, keep as i32, len as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        kernel!(&dev, "select_top_k", v),
+        cfg,
+        &sp,
+        &c_,
+        &k_,
+        &l_,
+        &op
+    );
+    let n = out.len();
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Ok(Tensor::from_storage(storage, n, BackpropOp::none(), false))
 }
 
 /// Inputs of [`selective_scan`]: contiguous, on one CUDA device, in the model dtype

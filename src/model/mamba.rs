@@ -306,6 +306,33 @@ struct DecimationStep<'a> {
     protected_tail: usize,
     /// On the CPU, long inputs are scored chunk by chunk (see `forward_host_decimating`).
     chunk: Option<usize>,
+    /// Whether the caller wants the kept indices on the host (GPU: they stay on the device
+    /// otherwise).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    record: bool,
+}
+
+/// The tokens a decimating layer kept, on the GPU: the index tensor the gathers used, and
+/// the same indices on the host when the caller asked for them.
+#[cfg(feature = "cuda")]
+struct DeviceKept {
+    indices: Tensor,
+    host: Option<Vec<usize>>,
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceKept {
+    fn into_host(self) -> Result<Vec<usize>> {
+        match self.host {
+            Some(v) => Ok(v),
+            None => Ok(self
+                .indices
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|i| i as usize)
+                .collect()),
+        }
+    }
 }
 
 impl Mixer {
@@ -382,12 +409,27 @@ impl Mixer {
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         match state {
             LayerState::Host { conv, ssm } => self.forward_host(h, conv, ssm, decimation),
-            LayerState::Device { conv, ssm } => self.forward_device(h, conv, ssm, decimation),
+            LayerState::Device { conv, ssm } => {
+                self.forward_device_host_kept(h, conv, ssm, decimation)
+            }
         }
     }
 
+    /// [`Self::forward_device`] with the kept indices brought to the host.
+    #[cfg(feature = "cuda")]
+    fn forward_device_host_kept(
+        &self,
+        h: &Tensor,
+        conv: &mut Tensor,
+        ssm: &mut Tensor,
+        decimation: Option<DecimationStep>,
+    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        let (out, kept) = self.forward_device(h, conv, ssm, decimation)?;
+        Ok((out, kept.map(DeviceKept::into_host).transpose()?))
+    }
+
     #[cfg(not(feature = "cuda"))]
-    fn forward_device(
+    fn forward_device_host_kept(
         &self,
         h: &Tensor,
         _conv: &mut Tensor,
@@ -402,8 +444,8 @@ impl Mixer {
 
     /// The mixer on the GPU: candle matmuls (cuBLAS) around the CUDA kernels of
     /// `cuda.rs`, activations in the model dtype, every tensor on the device. Decimation
-    /// computes ‖Δ_t‖₂ on the GPU and copies only those L scores to the host for the
-    /// top-K choice, then gathers the kept rows on the device.
+    /// scores (‖Δ_t‖₂), chooses (top-K) and gathers on the GPU; the kept indices come to
+    /// the host only when the step asks to record them.
     #[cfg(feature = "cuda")]
     fn forward_device(
         &self,
@@ -411,7 +453,7 @@ impl Mixer {
         conv: &mut Tensor,
         ssm: &mut Tensor,
         decimation: Option<DecimationStep>,
-    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+    ) -> Result<(Tensor, Option<DeviceKept>)> {
         let Some(p) = &self.gpu else {
             bail!("no Mamba kernels for {:?} (CPU and CUDA only)", h.device());
         };
@@ -447,15 +489,30 @@ impl Mixer {
                 bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
             }
             let budget = step.cfg.budget(step.rank, len, step.protected_tail);
-            let scores = cuda::delta_norms(&dt, p)?.to_vec1::<f32>()?;
-            if let Some(idx) = select_by_scores(&scores, budget, step.protected_tail) {
-                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), h.device())?;
+            // As select_by_scores: nothing to choose unless more candidates than budget.
+            let candidates = len.saturating_sub(step.protected_tail);
+            if candidates > budget {
+                let scores = cuda::delta_norms(&dt, p)?;
+                let idx_t = cuda::select_top_k(&scores, candidates, budget, p.variant())?;
                 x_conv = x_conv.index_select(&idx_t, 0)?;
                 dt = dt.index_select(&idx_t, 0)?;
                 dbc = dbc.index_select(&idx_t, 0)?;
                 xz = xz.index_select(&idx_t, 0)?;
-                scan_len = idx.len();
-                kept = Some(idx);
+                scan_len = idx_t.dim(0)?;
+                let host = match step.record {
+                    true => Some(
+                        DeviceKept {
+                            indices: idx_t.clone(),
+                            host: None,
+                        }
+                        .into_host()?,
+                    ),
+                    false => None,
+                };
+                kept = Some(DeviceKept {
+                    indices: idx_t,
+                    host,
+                });
             }
             lap(&mut prof, "decimation");
         }
@@ -693,6 +750,31 @@ struct Block {
 /// Chunk length of a long vanilla prefill on the CPU: keeps the per-layer activations
 /// (a few × L × d_inner floats) around cache size instead of growing with the prompt.
 const CPU_PREFILL_CHUNK: usize = 2048;
+
+/// DeciMamba's top-K choice made by the CUDA kernel the GPU prefill uses, for tests that
+/// hold it to [`select_by_scores`]: the `keep` highest of `scores[..candidates]`
+/// (ties to the earlier position), ascending, then `candidates..len`.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn select_top_k_on_device(
+    scores: &[f32],
+    candidates: usize,
+    keep: usize,
+    device: &Device,
+) -> Result<Vec<usize>> {
+    let t = Tensor::from_slice(scores, scores.len(), device)?;
+    let variant = cuda::Variant {
+        d_state: 16,
+        d_conv: 4,
+        dtype: DType::F32,
+    };
+    let idx = cuda::select_top_k(&t, candidates, keep, variant)?;
+    Ok(idx
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect())
+}
 
 /// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
 /// seconds, calls), cleared by the call. Empty without the `cuda` feature or profiling.
@@ -962,6 +1044,7 @@ impl MambaModel {
                     rank,
                     protected_tail: opts.protected_tail,
                     chunk: self.prefill_chunk.filter(|_| self.device.is_cpu()),
+                    record: opts.record_indices,
                 })
             });
             let normed = block.norm.forward(&residual)?.to_dtype(self.dtype)?;
@@ -1012,6 +1095,7 @@ impl MambaModel {
                     rank,
                     protected_tail: opts.protected_tail,
                     chunk: None,
+                    record: opts.record_indices,
                 })
             });
             let rows = residual.reshape((batch * len_in, d_model))?;
@@ -1036,15 +1120,19 @@ impl MambaModel {
             let normed = normed
                 .context("add_norm returned no norm")?
                 .reshape((batch, len_in, d_model))?;
-            let (out, kept) = block.mixer.forward(&normed, layer_state, step)?;
-            if let Some(idx) = &kept {
+            let LayerState::Device { conv, ssm } = layer_state else {
+                bail!("a CUDA model needs a state made by its own new_state");
+            };
+            let (out, kept) = block.mixer.forward_device(&normed, conv, ssm, step)?;
+            let mut recorded = None;
+            if let Some(k) = kept {
                 let mut prof = match &self.device {
                     Device::Cuda(dev) => cuda::profile::start(dev),
                     _ => None,
                 };
-                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), &self.device)?;
-                residual = residual.index_select(&idx_t, 1)?;
+                residual = residual.index_select(&k.indices, 1)?;
                 cuda::profile::lap(&mut prof, "residual gather");
+                recorded = k.host;
             }
             let len_out = out.dim(1)?;
             pending = Some((out, i));
@@ -1052,7 +1140,7 @@ impl MambaModel {
                 layer: i,
                 len_in,
                 len_out,
-                kept: if opts.record_indices { kept } else { None },
+                kept: recorded,
             });
         }
         if let Some((out, i)) = pending {

@@ -5,6 +5,8 @@ pub mod kernels;
 pub mod mamba;
 
 pub use config::{CheckpointFormat, MambaConfig};
+#[cfg(feature = "cuda")]
+pub use mamba::select_top_k_on_device;
 pub use mamba::{
     take_gpu_profile, DecimationTrace, ForwardOptions, InferenceState, LayerTrace, LogitsSpan,
     MambaModel,
