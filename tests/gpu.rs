@@ -409,7 +409,10 @@ fn gpu_top_k_is_the_cpu_choice() {
             let candidates = len - tail;
             let want = select_by_scores(&scores, keep, tail).expect("a real selection");
             let got = select_top_k_on_device(&scores, candidates, keep, &gpu).unwrap();
-            assert_eq!(got, want, "len {len}, levels {levels}, keep {keep}, tail {tail}");
+            assert_eq!(
+                got, want,
+                "len {len}, levels {levels}, keep {keep}, tail {tail}"
+            );
         }
     }
 }
