@@ -21,6 +21,7 @@
 //! contiguous; row strides inside wider rows (z inside xz, B and C inside x_proj's output)
 //! are passed explicitly.
 
+use super::super::gpu_plan::{conv_tile, decode_fits, scan_chunks, vec_ok, MAX_DECODE_BATCH};
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUgraphInstantiate_flags, CUstreamCaptureMode,
@@ -43,19 +44,8 @@ const BLOCK: u32 = 128;
 /// Threads per block of the row kernels (norms, scores, decode matvecs).
 const ROW_BLOCK: u32 = 256;
 
-/// Threads the scan aims to keep in flight (≈ 2 × 132 SMs × 2048): the time axis is cut
-/// into chunks until batch × d_inner × chunks reaches this.
-const SCAN_TARGET_THREADS: usize = 1 << 19;
-/// Shortest chunk worth the extra summary pass.
-const SCAN_MIN_CHUNK: usize = 64;
-
 /// Largest d_state the scan keeps in registers.
 const MAX_D_STATE: usize = 64;
-
-/// Most sequences one fused decode step takes (`MAXB` in the kernels).
-pub const MAX_DECODE_BATCH: usize = 8;
-/// Shared memory a decode matvec may stage its input rows in (the default limit).
-const DECODE_SMEM_BYTES: usize = 48 * 1024;
 
 fn check_d_state(d_state: usize) -> Result<()> {
     if d_state == 0 || d_state > MAX_D_STATE {
@@ -385,8 +375,7 @@ pub fn conv_silu(
         dptr(&new_hist, DType::F32, "conv state")?,
     );
     let (bs, rs) = ((len * row) as i64, row as i64);
-    // Tokens per thread: 32, more when the grid's y extent (65535) would not cover L.
-    let tile = 32.max(len.div_ceil(65_535));
+    let tile = conv_tile(len);
     let (l_, d_, tile_) = (len as i32, d as i32, tile as i32);
     let cfg = LaunchConfig {
         grid_dim: (
@@ -502,10 +491,7 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
 
     // Cut the time axis into chunks until the GPU is full (see the kernels' comment).
     let pairs = batch * d;
-    let want = SCAN_TARGET_THREADS.div_ceil(pairs).max(1);
-    let n_chunks = want.min(len.div_ceil(SCAN_MIN_CHUNK)).max(1);
-    let chunk_len = len.div_ceil(n_chunks);
-    let n_chunks = len.div_ceil(chunk_len);
+    let (n_chunks, chunk_len) = scan_chunks(batch, d, len);
 
     let (bc_w, z_w) = (s.bc.dim(1)?, s.z.dim(1)?);
     let xp = dptr(s.x, et, "x")?;
@@ -650,12 +636,6 @@ pub struct DecodeModel<'a> {
     pub dtype: DType,
     /// Round the residual stream to the model dtype (the checkpoint keeps it there).
     pub round_res: bool,
-}
-
-/// Whether [`decode_step`] takes `batch` sequences of this model: the decode matvecs
-/// stage their input rows in shared memory.
-pub fn decode_fits(batch: usize, d_model: usize, d_inner: usize) -> bool {
-    (1..=MAX_DECODE_BATCH).contains(&batch) && batch * d_model.max(d_inner) * 4 <= DECODE_SMEM_BYTES
 }
 
 /// Sizes of one decode step.
@@ -943,7 +923,7 @@ fn enqueue_step(
         );
         let n2 = 2 * di_;
         let eps = l.norm.eps;
-        let vin = vec_ok(d_model, iw, et) as i32;
+        let vin = vec_ok(d_model, iw, et.size_in_bytes()) as i32;
         launch!(
             &mv_norm,
             matvec_cfg(2 * d_inner, batch, d_model),
@@ -965,7 +945,7 @@ fn enqueue_step(
             &xcp,
             &di_
         );
-        let vx = vec_ok(d_inner, xpw, et) as i32;
+        let vx = vec_ok(d_inner, xpw, et.size_in_bytes()) as i32;
         launch!(
             &mv_plain,
             matvec_cfg(xw, batch, d_inner),
@@ -996,7 +976,7 @@ fn enqueue_step(
             &b_,
             &di_
         );
-        let vo = vec_ok(d_inner, ow, et) as i32;
+        let vo = vec_ok(d_inner, ow, et.size_in_bytes()) as i32;
         launch!(
             &mv_res,
             matvec_cfg(d_model, batch, d_inner),
@@ -1015,7 +995,7 @@ fn enqueue_step(
     let hp = dptr(m.lm_head, et, "lm_head")?;
     let lp = b.logits;
     let (eps, v_) = (m.norm_f.eps, vocab as i32);
-    let vh = vec_ok(d_model, hp, et) as i32;
+    let vh = vec_ok(d_model, hp, et.size_in_bytes()) as i32;
     launch!(
         kernel!(&dev, "matvec_norm_logits", first.params),
         matvec_cfg(vocab, batch, d_model),
@@ -1033,12 +1013,6 @@ fn enqueue_step(
         &vh
     );
     Ok(())
-}
-
-/// Whether rows of `k` elements at `base` can be read 16 bytes at a time.
-fn vec_ok(k: usize, base: u64, dtype: DType) -> bool {
-    let size = dtype.size_in_bytes();
-    (k * size).is_multiple_of(16) && base.is_multiple_of(16)
 }
 
 /// Launch shape of a decode matvec with `n` output rows: a warp per row, 8 per block, the

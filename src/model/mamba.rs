@@ -1272,7 +1272,7 @@ impl MambaModel {
         }
         #[cfg(feature = "cuda")]
         if self.device.is_cuda()
-            && cuda::decode_fits(ids.len(), self.config.d_model, self.config.d_inner)
+            && super::gpu_plan::decode_fits(ids.len(), self.config.d_model, self.config.d_inner)
         {
             let logits = self.step_device(ids, state)?;
             state.seen_tokens += 1;

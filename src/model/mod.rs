@@ -1,6 +1,7 @@
 //! The Mamba-1 model: configuration, weights, mixer and CPU kernels.
 
 pub mod config;
+pub mod gpu_plan;
 pub mod kernels;
 pub mod mamba;
 
