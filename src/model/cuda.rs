@@ -525,6 +525,15 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
     let y = unsafe { alloc(&dev, et, (batch * len, d))? };
     let h1 = unsafe { alloc(&dev, DType::F32, (batch, d, n))? };
     let (yp, h1p) = (dptr(&y, et, "y")?, dptr(&h1, DType::F32, "state")?);
+    // Both passes take the SCAN_PARAMS arguments first, then their own.
+    macro_rules! scan_pass {
+        ($name:expr, $cfg:expr, $($extra:expr),*) => {
+            launch!(
+                kernel!(&dev, $name, p), $cfg, &xp, &dtp, &dbp, &bcp, &bc_bs, &bc_rs, &b_off,
+                &c_off, &zp, &z_bs, &z_rs, &ap, &dsp, &b_, &l_, &d_, &cl_, $($extra),*
+            )
+        };
+    }
     // Initial state of each chunk: h0 itself for one chunk, else the combined summaries.
     let (sums, hin, hin_c, hin_g, hin_n) = if n_chunks == 1 {
         (None, hp, 0i64, n as i64, 1i64)
@@ -536,29 +545,7 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
         let (sp, tp) = (dptr(&sums, DType::F32, "S")?, dptr(&dts, DType::F32, "T")?);
         let mut c = cfg;
         c.grid_dim.1 = (n_chunks - 1) as u32;
-        launch!(
-            kernel!(&dev, "scan_chunk_summary", p),
-            c,
-            &xp,
-            &dtp,
-            &dbp,
-            &bcp,
-            &bc_bs,
-            &bc_rs,
-            &b_off,
-            &c_off,
-            &zp,
-            &z_bs,
-            &z_rs,
-            &ap,
-            &dsp,
-            &b_,
-            &l_,
-            &d_,
-            &cl_,
-            &sp,
-            &tp
-        );
+        scan_pass!("scan_chunk_summary", c, &sp, &tp);
         launch!(
             kernel!(&dev, "scan_combine", p),
             grid_1d(pairs * n),
@@ -578,33 +565,7 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
             pairs as i64,
         )
     };
-    launch!(
-        kernel!(&dev, "scan_output", p),
-        cfg,
-        &xp,
-        &dtp,
-        &dbp,
-        &bcp,
-        &bc_bs,
-        &bc_rs,
-        &b_off,
-        &c_off,
-        &zp,
-        &z_bs,
-        &z_rs,
-        &ap,
-        &dsp,
-        &b_,
-        &l_,
-        &d_,
-        &cl_,
-        &hin,
-        &hin_c,
-        &hin_g,
-        &hin_n,
-        &h1p,
-        &yp
-    );
+    scan_pass!("scan_output", cfg, &hin, &hin_c, &hin_g, &hin_n, &h1p, &yp);
     drop(sums);
     Ok((y, h1))
 }

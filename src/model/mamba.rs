@@ -325,14 +325,18 @@ impl DeviceKept {
     fn into_host(self) -> Result<Vec<usize>> {
         match self.host {
             Some(v) => Ok(v),
-            None => Ok(self
-                .indices
-                .to_vec1::<u32>()?
-                .into_iter()
-                .map(|i| i as usize)
-                .collect()),
+            None => host_indices(&self.indices),
         }
     }
+}
+
+/// A u32 index tensor as host indices.
+#[cfg(feature = "cuda")]
+fn host_indices(t: &Tensor) -> Result<Vec<usize>> {
+    Ok(t.to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect())
 }
 
 impl Mixer {
@@ -500,13 +504,7 @@ impl Mixer {
                 xz = xz.index_select(&idx_t, 0)?;
                 scan_len = idx_t.dim(0)?;
                 let host = match step.record {
-                    true => Some(
-                        DeviceKept {
-                            indices: idx_t.clone(),
-                            host: None,
-                        }
-                        .into_host()?,
-                    ),
+                    true => Some(host_indices(&idx_t)?),
                     false => None,
                 };
                 kept = Some(DeviceKept {
@@ -768,12 +766,7 @@ pub fn select_top_k_on_device(
         d_conv: 4,
         dtype: DType::F32,
     };
-    let idx = cuda::select_top_k(&t, candidates, keep, variant)?;
-    Ok(idx
-        .to_vec1::<u32>()?
-        .into_iter()
-        .map(|i| i as usize)
-        .collect())
+    host_indices(&cuda::select_top_k(&t, candidates, keep, variant)?)
 }
 
 /// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
