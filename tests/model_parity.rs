@@ -145,6 +145,52 @@ fn bf16_stays_close_to_f32() {
     assert!(d > 0.0, "bf16 run should differ from f32 at all");
 }
 
+/// bf16 decode steps (the CPU's streaming bf16 matvec) continue a bf16 prefill as the bf16
+/// full forward (GEMMs) does, within bf16 rounding, for a tied and an untied checkpoint
+/// with biases and a residual kept in bf16.
+#[test]
+fn bf16_decode_steps_match_the_bf16_full_forward() {
+    for (dir, fixture) in [
+        ("tiny-rms-hf", "tiny-rms.logits.json"),
+        ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
+    ] {
+        let files = files_from_dir(&fixtures().join("models").join(dir)).unwrap();
+        let model = load_model(&files, &Device::Cpu, DType::BF16).unwrap();
+        let ids = ids_of(&json(fixture)["input_ids"]);
+        let (batch, len) = (ids.len(), ids[0].len());
+        let full: Vec<f32> = model
+            .forward(&tensor_ids(&ids))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let vocab = full.len() / (batch * len);
+        let prompt = 6;
+        let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..prompt].to_vec()).collect();
+        let mut state = model.new_state(batch);
+        model
+            .prefill_chunked(&tensor_ids(&head), prompt, &mut state)
+            .unwrap();
+        for pos in prompt..len {
+            let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
+            let got: Vec<f32> = model
+                .step(&step_ids, &mut state)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for b in 0..batch {
+                let w = &full[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
+                let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
+                // One bf16 rounding step apart at most here (logits O(1)).
+                assert!(d < 0.05, "{dir}: position {pos} batch {b}: {d}");
+            }
+        }
+    }
+}
+
 fn decimation_case(name: &str) {
     let reference = json(&format!("decimation/{name}.json"));
     let model = load(reference["model"].as_str().unwrap());

@@ -378,8 +378,35 @@ pub fn selective_scan(inp: &ScanInputs, state: &mut [f32]) -> Vec<f32> {
 /// Output rows per matvec task.
 const MATVEC_BLOCK: usize = 64;
 
+/// A weight element the decode matvec streams: f32, or bf16 widened on the fly (bf16 is the
+/// high half of an f32, so widening is a 16-bit shift that vectorises).
+pub trait MatvecWeight: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl MatvecWeight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl MatvecWeight for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 #[inline(always)]
-fn matvec_rows(x: &[f32], w: &[f32], k: usize, n0: usize, out: &mut [f32], n_total: usize) {
+fn matvec_rows<W: MatvecWeight>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    n0: usize,
+    out: &mut [f32],
+    n_total: usize,
+) {
     // out holds [m][block] for output rows n0..n0+block of every input row m.
     let m = x.len() / k;
     let block = out.len() / m;
@@ -391,13 +418,13 @@ fn matvec_rows(x: &[f32], w: &[f32], k: usize, n0: usize, out: &mut [f32], n_tot
             let mut lanes = [0f32; 16];
             for (xc, wc) in xr.chunks_exact(16).zip(wr.chunks_exact(16)) {
                 for l in 0..16 {
-                    lanes[l] += xc[l] * wc[l];
+                    lanes[l] += xc[l] * wc[l].widen();
                 }
             }
             let tail = k / 16 * 16;
             let mut sum = 0f32;
             for j in tail..k {
-                sum += xr[j] * wr[j];
+                sum += xr[j] * wr[j].widen();
             }
             let mut half = 8;
             while half > 0 {
@@ -413,27 +440,42 @@ fn matvec_rows(x: &[f32], w: &[f32], k: usize, n0: usize, out: &mut [f32], n_tot
 }
 simd_variants!(matvec_rows, matvec_rows_avx512, matvec_rows_avx2,
     (x: &[f32], w: &[f32], k: usize, n0: usize, out: &mut [f32], n_total: usize) -> ());
+simd_variants!(matvec_rows, matvec_rows_bf16_avx512, matvec_rows_bf16_avx2,
+    (x: &[f32], w: &[half::bf16], k: usize, n0: usize, out: &mut [f32], n_total: usize) -> ());
 
-fn matvec_rows_dispatch(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    n0: usize,
-    out: &mut [f32],
-    n_total: usize,
-) {
-    dispatch_simd!(
-        matvec_rows,
-        matvec_rows_avx512,
-        matvec_rows_avx2,
-        (x, w, k, n0, out, n_total)
-    )
+/// [`matvec_rows`] compiled for the CPU at hand, per weight type.
+trait MatvecDispatch: MatvecWeight {
+    fn rows_dispatch(x: &[f32], w: &[Self], k: usize, n0: usize, out: &mut [f32], n: usize);
 }
 
-/// `x Wᵀ` for a few rows of x (`[m, k]`) and a row-major weight `[n, k]`: the decode-time
-/// product, bound by streaming W from memory once, so it runs over contiguous weight rows
-/// in parallel blocks instead of through a general GEMM. Returns `[m, n]`.
-pub fn matvec(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+impl MatvecDispatch for f32 {
+    fn rows_dispatch(x: &[f32], w: &[f32], k: usize, n0: usize, out: &mut [f32], n: usize) {
+        dispatch_simd!(
+            matvec_rows,
+            matvec_rows_avx512,
+            matvec_rows_avx2,
+            (x, w, k, n0, out, n)
+        )
+    }
+}
+
+impl MatvecDispatch for half::bf16 {
+    fn rows_dispatch(x: &[f32], w: &[Self], k: usize, n0: usize, out: &mut [f32], n: usize) {
+        dispatch_simd!(
+            matvec_rows,
+            matvec_rows_bf16_avx512,
+            matvec_rows_bf16_avx2,
+            (x, w, k, n0, out, n)
+        )
+    }
+}
+
+/// `x Wᵀ` for a few rows of x (`[m, k]`) and a row-major weight `[n, k]` (f32, or bf16
+/// widened as it streams): the decode-time product, bound by streaming W from memory once,
+/// so it runs over contiguous weight rows in parallel blocks instead of through a general
+/// GEMM. Accumulates in f32. Returns `[m, n]`.
+#[allow(private_bounds)]
+pub fn matvec<W: MatvecDispatch>(x: &[f32], w: &[W], k: usize) -> Vec<f32> {
     let m = x.len() / k;
     let n = w.len() / k;
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(MATVEC_BLOCK))
@@ -442,7 +484,7 @@ pub fn matvec(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
             let n0 = bi * MATVEC_BLOCK;
             let rows = MATVEC_BLOCK.min(n - n0);
             let mut out = vec![0f32; m * rows];
-            matvec_rows_dispatch(x, w, k, n0, &mut out, n);
+            W::rows_dispatch(x, w, k, n0, &mut out, n);
             out
         })
         .collect();
@@ -470,6 +512,25 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|c| (x[i * k + c] * w[j * k + c]) as f64).sum();
+                assert!((y[i * n + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matvec_widens_exactly() {
+        let (m, n, k) = (2, 130, 48);
+        let x = pseudo(23, m * k, -1.0, 1.0);
+        let w: Vec<half::bf16> = pseudo(24, n * k, -1.0, 1.0)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let y = matvec(&x, &w, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c].to_f64())
+                    .sum();
                 assert!((y[i * n + j] as f64 - want).abs() < 1e-4);
             }
         }

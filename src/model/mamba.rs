@@ -50,21 +50,22 @@ impl Module for Projection {
 const MATVEC_MAX_ROWS: usize = 4;
 
 /// `x Wᵀ` for `x` `[rows, in]` and `w` `[out, in]`: a GEMM for prefill, a weight-streaming
-/// matvec for the few rows of a decode step on the CPU in f32.
+/// matvec for the few rows of a decode step on the CPU in f32 or bf16 (candle's bf16 GEMM
+/// is several times slower there). The bf16 product is rounded to bf16, as the GEMM's is.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
-    let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    if rows <= MATVEC_MAX_ROWS && f32_cpu && w.is_contiguous() {
-        let x = x.contiguous()?;
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let same = x.dtype() == w.dtype() && matches!(w.dtype(), DType::F32 | DType::BF16);
+    if rows <= MATVEC_MAX_ROWS && x.device().is_cpu() && same && w.is_contiguous() {
+        let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (storage, layout) = w.storage_and_layout();
         if let candle_core::Storage::Cpu(cpu) = &*storage {
-            let all = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            let wv = &all[start..start + w.elem_count()];
-            let y = kernels::matvec(&xv, wv, k);
+            let span = layout.start_offset()..layout.start_offset() + w.elem_count();
+            let y = match w.dtype() {
+                DType::BF16 => kernels::matvec(&xv, &cpu.as_slice::<half::bf16>()?[span], k),
+                _ => kernels::matvec(&xv, &cpu.as_slice::<f32>()?[span], k),
+            };
             let n = w.dim(0)?;
-            return Tensor::from_vec(y, (rows, n), x.device());
+            return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(w.dtype());
         }
     }
     x.matmul(&w.t()?)
