@@ -1011,8 +1011,12 @@ pub mod profile {
         last: Instant,
     }
 
-    /// Starts timing (after the work queued so far), or `None` when profiling is off.
-    pub fn start(dev: &CudaDevice) -> Option<Stages> {
+    /// Starts timing (after the work queued so far), or `None` when profiling is off or
+    /// the device is not a CUDA one.
+    pub fn start(device: &candle_core::Device) -> Option<Stages> {
+        let candle_core::Device::Cuda(dev) = device else {
+            return None;
+        };
         if !enabled() {
             return None;
         }

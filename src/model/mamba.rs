@@ -321,16 +321,6 @@ struct DeviceKept {
     host: Option<Vec<usize>>,
 }
 
-#[cfg(feature = "cuda")]
-impl DeviceKept {
-    fn into_host(self) -> Result<Vec<usize>> {
-        match self.host {
-            Some(v) => Ok(v),
-            None => host_indices(&self.indices),
-        }
-    }
-}
-
 /// A u32 index tensor as host indices.
 #[cfg(feature = "cuda")]
 fn host_indices(t: &Tensor) -> Result<Vec<usize>> {
@@ -414,33 +404,13 @@ impl Mixer {
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         match state {
             LayerState::Host { conv, ssm } => self.forward_host(h, conv, ssm, decimation),
-            LayerState::Device { conv, ssm } => {
-                self.forward_device_host_kept(h, conv, ssm, decimation)
-            }
+            LayerState::Device { .. } => self.forward_device_state(h),
         }
     }
 
-    /// [`Self::forward_device`] with the kept indices brought to the host.
-    #[cfg(feature = "cuda")]
-    fn forward_device_host_kept(
-        &self,
-        h: &Tensor,
-        conv: &mut Tensor,
-        ssm: &mut Tensor,
-        decimation: Option<DecimationStep>,
-    ) -> Result<(Tensor, Option<Vec<usize>>)> {
-        let (out, kept) = self.forward_device(h, conv, ssm, decimation)?;
-        Ok((out, kept.map(DeviceKept::into_host).transpose()?))
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn forward_device_host_kept(
-        &self,
-        h: &Tensor,
-        _conv: &mut Tensor,
-        _ssm: &mut Tensor,
-        _decimation: Option<DecimationStep>,
-    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+    /// A device state reaching the host loop: a model on a device this build has no
+    /// kernels for (CUDA models run their blocks in `run_blocks_device`).
+    fn forward_device_state(&self, h: &Tensor) -> Result<(Tensor, Option<Vec<usize>>)> {
         bail!(
             "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature)",
             h.device()
@@ -464,10 +434,7 @@ impl Mixer {
         };
         let (batch, len, d_model) = h.dims3()?;
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let mut prof = match h.device() {
-            Device::Cuda(dev) => cuda::profile::start(dev),
-            _ => None,
-        };
+        let mut prof = cuda::profile::start(h.device());
         let lap = cuda::profile::lap;
         let xz = self
             .in_proj
@@ -1014,6 +981,23 @@ impl MambaModel {
             .to_dtype(residual_dtype)?)
     }
 
+    /// What layer `i` does about decimation under `opts`: `None` when it does not decimate.
+    fn decimation_step<'a>(
+        &self,
+        opts: &ForwardOptions<'a>,
+        i: usize,
+    ) -> Option<DecimationStep<'a>> {
+        opts.decimation.and_then(|cfg| {
+            cfg.rank_of(i).map(|rank| DecimationStep {
+                cfg,
+                rank,
+                protected_tail: opts.protected_tail,
+                chunk: self.prefill_chunk.filter(|_| self.device.is_cpu()),
+                record: opts.record_indices,
+            })
+        })
+    }
+
     /// Runs the blocks in `layers` (Add → Norm → Mixer, decimating where the options say)
     /// on the residual stream, appending one trace entry per layer.
     fn run_blocks(
@@ -1032,15 +1016,7 @@ impl MambaModel {
         for i in layers {
             let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
             let len_in = residual.dim(1)?;
-            let step = opts.decimation.and_then(|cfg| {
-                cfg.rank_of(i).map(|rank| DecimationStep {
-                    cfg,
-                    rank,
-                    protected_tail: opts.protected_tail,
-                    chunk: self.prefill_chunk.filter(|_| self.device.is_cpu()),
-                    record: opts.record_indices,
-                })
-            });
+            let step = self.decimation_step(opts, i);
             let normed = block.norm.forward(&residual)?.to_dtype(self.dtype)?;
             let (out, kept) = block.mixer.forward(&normed, layer_state, step)?;
             if let Some(idx) = &kept {
@@ -1083,24 +1059,13 @@ impl MambaModel {
                 .as_ref()
                 .context("layer has no CUDA parameters")?;
             let (batch, len_in, _) = residual.dims3()?;
-            let step = opts.decimation.and_then(|cfg| {
-                cfg.rank_of(i).map(|rank| DecimationStep {
-                    cfg,
-                    rank,
-                    protected_tail: opts.protected_tail,
-                    chunk: None,
-                    record: opts.record_indices,
-                })
-            });
+            let step = self.decimation_step(opts, i);
             let rows = residual.reshape((batch * len_in, d_model))?;
             let delta = match &pending {
                 Some((out, _)) => Some(out.reshape((batch * len_in, d_model))?),
                 None => None,
             };
-            let mut prof = match &self.device {
-                Device::Cuda(dev) => cuda::profile::start(dev),
-                _ => None,
-            };
+            let mut prof = cuda::profile::start(&self.device);
             let (new_res, normed) = cuda::add_norm(
                 &rows,
                 delta.as_ref(),
@@ -1120,10 +1085,7 @@ impl MambaModel {
             let (out, kept) = block.mixer.forward_device(&normed, conv, ssm, step)?;
             let mut recorded = None;
             if let Some(k) = kept {
-                let mut prof = match &self.device {
-                    Device::Cuda(dev) => cuda::profile::start(dev),
-                    _ => None,
-                };
+                let mut prof = cuda::profile::start(&self.device);
                 residual = residual.index_select(&k.indices, 1)?;
                 cuda::profile::lap(&mut prof, "residual gather");
                 recorded = k.host;
