@@ -16,7 +16,7 @@ use decimamba::DecimationConfig;
 use serde_json::Value;
 
 mod common;
-use common::{fixtures, floats, ids_of, json, max_diff};
+use common::{fixtures, floats, ids_of, json, max_diff, Values};
 
 const F32_TOL: f32 = 1e-3;
 const BF16_TOL: f32 = 0.1;
@@ -38,15 +38,6 @@ fn tensor_ids(rows: &[Vec<u32>], device: &Device) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), rows[0].len()), device).unwrap()
 }
 
-fn vec_of(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 const FIXTURES: &[(&str, &str)] = &[
     ("tiny-rms-hf", "tiny-rms.logits.json"),
     ("tiny-rms-orig", "tiny-rms.logits.json"),
@@ -62,27 +53,24 @@ fn fixture_logits_match_cpu_and_reference() {
         let reference = json(fixture);
         let ids = ids_of(&reference["input_ids"]);
         let want = floats(&reference["logits"]);
-        let cpu = vec_of(
-            &load(dir, &Device::Cpu, DType::F32)
-                .forward(&tensor_ids(&ids, &Device::Cpu))
-                .unwrap(),
-        );
-        let got = vec_of(
-            &load(dir, &gpu, DType::F32)
-                .forward(&tensor_ids(&ids, &gpu))
-                .unwrap(),
-        );
+        let cpu = load(dir, &Device::Cpu, DType::F32)
+            .forward(&tensor_ids(&ids, &Device::Cpu))
+            .unwrap()
+            .values();
+        let got = load(dir, &gpu, DType::F32)
+            .forward(&tensor_ids(&ids, &gpu))
+            .unwrap()
+            .values();
         let (d_cpu, d_ref) = (max_diff(&got, &cpu), max_diff(&got, &want));
         println!("{dir} f32: max |cuda - cpu| = {d_cpu:.3e}, |cuda - reference| = {d_ref:.3e}");
         assert!(
             d_cpu < F32_TOL && d_ref < F32_TOL,
             "{dir}: {d_cpu} / {d_ref}"
         );
-        let got16 = vec_of(
-            &load(dir, &gpu, DType::BF16)
-                .forward(&tensor_ids(&ids, &gpu))
-                .unwrap(),
-        );
+        let got16 = load(dir, &gpu, DType::BF16)
+            .forward(&tensor_ids(&ids, &gpu))
+            .unwrap()
+            .values();
         let d16 = max_diff(&got16, &want);
         println!("{dir} bf16: max |cuda bf16 - reference f32| = {d16:.3e}");
         assert!(d16 < BF16_TOL, "{dir} bf16: {d16}");
@@ -122,10 +110,10 @@ fn prefill_then_decode_matches_reference() {
                 assert!(d < F32_TOL, "{dir}: position {pos} batch {b}: {d}");
             }
         };
-        check(prompt - 1, vec_of(&logits.unwrap()));
+        check(prompt - 1, logits.unwrap().values());
         for pos in prompt..len {
             let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
-            check(pos, vec_of(&model.step(&step_ids, &mut state).unwrap()));
+            check(pos, model.step(&step_ids, &mut state).unwrap().values());
         }
         println!(
             "{dir}: prefill {prompt} + {} decode steps, max diff {worst:.3e}",
@@ -149,7 +137,7 @@ fn half_precision_decode_matches_full_forward() {
             let model = load(dir, &gpu, dtype);
             let ids = ids_of(&json(fixture)["input_ids"]);
             let (batch, len) = (ids.len(), ids[0].len());
-            let full = vec_of(&model.forward(&tensor_ids(&ids, &gpu)).unwrap());
+            let full = model.forward(&tensor_ids(&ids, &gpu)).unwrap().values();
             let vocab = full.len() / (batch * len);
             let prompt = 5;
             let mut state = model.new_state(batch);
@@ -160,7 +148,7 @@ fn half_precision_decode_matches_full_forward() {
             let mut worst = 0f32;
             for pos in prompt..len {
                 let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
-                let got = vec_of(&model.step(&step_ids, &mut state).unwrap());
+                let got = model.step(&step_ids, &mut state).unwrap().values();
                 for b in 0..batch {
                     let w = &full[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
                     let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
@@ -194,7 +182,7 @@ fn wide_batch_decode_uses_the_general_path_and_agrees() {
         let mut out = Vec::new();
         for pos in prompt..prompt + 4 {
             let step_ids: Vec<u32> = rows.iter().map(|r| r[pos]).collect();
-            out.push(vec_of(&model.step(&step_ids, &mut state).unwrap()));
+            out.push(model.step(&step_ids, &mut state).unwrap().values());
         }
         out
     };
@@ -219,12 +207,12 @@ fn cloned_device_state_is_independent() {
     let mut fork = state.clone();
     model.step(&[1, 2], &mut fork).unwrap();
     model.step(&[3, 4], &mut fork).unwrap();
-    let a = vec_of(&model.step(&[5, 6], &mut state).unwrap());
+    let a = model.step(&[5, 6], &mut state).unwrap().values();
     let mut again = model.new_state(2);
     model
         .prefill_chunked(&tensor_ids(&head, &gpu), 8, &mut again)
         .unwrap();
-    let b = vec_of(&model.step(&[5, 6], &mut again).unwrap());
+    let b = model.step(&[5, 6], &mut again).unwrap().values();
     assert!(
         max_diff(&a, &b) < 1e-6,
         "the clone's steps changed the original state"
@@ -237,11 +225,11 @@ fn chunked_prefill_on_gpu_equals_one_shot() {
     let model = load("tiny-rms-hf", &gpu, DType::F32);
     let ids = tensor_ids(&ids_of(&json("tiny-rms.logits.json")["input_ids"]), &gpu);
     let full = model.forward(&ids).unwrap();
-    let last_full = vec_of(&full.narrow(1, 19, 1).unwrap());
+    let last_full = full.narrow(1, 19, 1).unwrap().values();
     for chunk in [1, 3, 8, 64] {
         let mut state = model.new_state(2);
         let last = model.prefill_chunked(&ids, chunk, &mut state).unwrap();
-        let d = max_diff(&vec_of(&last), &last_full);
+        let d = max_diff(&last.values(), &last_full);
         assert!(d < 1e-5, "chunk {chunk}: {d}");
     }
 }
@@ -276,14 +264,14 @@ fn decimation_case(name: &str) {
         let got = t.kept.clone().unwrap_or_else(|| (0..t.len_in).collect());
         assert_eq!(got, want, "{name}: kept indices of layer {layer}");
     }
-    let d = max_diff(&vec_of(&logits.unwrap()), &floats(&reference["logits"]));
+    let d = max_diff(&logits.unwrap().values(), &floats(&reference["logits"]));
     println!("decimation {name}: kept indices identical, logits max diff {d:.3e}");
     assert!(d < F32_TOL, "{name}: logits differ by {d}");
     if let Some(decode) = reference.get("decode") {
         let new_ids = ids_of(&Value::Array(vec![decode["new_ids"].clone()]))[0].clone();
         let steps = decode["step_logits"].as_array().unwrap();
         for (id, want) in new_ids.iter().zip(steps) {
-            let got = vec_of(&model.step(&[*id], &mut state).unwrap());
+            let got = model.step(&[*id], &mut state).unwrap().values();
             let d = max_diff(&got, &floats(want));
             assert!(d < F32_TOL, "{name}: decode after decimated prefill: {d}");
         }
@@ -319,7 +307,7 @@ fn last_logits(
     };
     let (logits, trace) = model.forward_with_state(&t, &mut state, &opts).unwrap();
     let kept = trace.layers.into_iter().map(|l| l.kept).collect();
-    (vec_of(&logits.unwrap()), kept, state)
+    (logits.unwrap().values(), kept, state)
 }
 
 /// The 130m shape (d_inner 1536, 24 layers) with random weights at 3,000 tokens: long
@@ -347,8 +335,8 @@ fn random_130m_shape_long_prompt_cpu_vs_cuda() {
     // Decode steps continue from the GPU-resident state.
     let mut next = [17u32];
     for i in 0..8 {
-        let a = vec_of(&cpu_model.step(&next, &mut cpu_state).unwrap());
-        let b = vec_of(&gpu_model.step(&next, &mut gpu_state).unwrap());
+        let a = cpu_model.step(&next, &mut cpu_state).unwrap().values();
+        let b = gpu_model.step(&next, &mut gpu_state).unwrap().values();
         let d = max_diff(&a, &b);
         assert!(d < F32_TOL * scale(&a), "decode step {i}: {d}");
         next = [(i * 101 + 5) as u32];

@@ -8,7 +8,7 @@ use decimamba::DecimationConfig;
 use serde_json::Value;
 
 mod common;
-use common::{fixtures, floats, ids_of, json, max_diff};
+use common::{fixtures, floats, ids_of, json, max_diff, Values};
 
 fn load(dir: &str) -> MambaModel {
     let files = files_from_dir(&fixtures().join("models").join(dir)).unwrap();
@@ -25,7 +25,7 @@ fn check_full_forward(model_dir: &str, fixture: &str) {
     let reference = json(fixture);
     let ids = ids_of(&reference["input_ids"]);
     let logits = model.forward(&tensor_ids(&ids)).unwrap();
-    let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = logits.values();
     let d = max_diff(&got, &floats(&reference["logits"]));
     assert!(d < 1e-4, "{model_dir}: max |Δlogit| = {d}");
 }
@@ -86,14 +86,11 @@ fn prefill_then_decode_equals_full_forward() {
                 assert!(d < 1e-4, "{dir}: position {pos} batch {b}: {d}");
             }
         };
-        check(
-            prompt - 1,
-            logits.unwrap().flatten_all().unwrap().to_vec1().unwrap(),
-        );
+        check(prompt - 1, logits.unwrap().values());
         for pos in prompt..len {
             let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
             let logits = model.step(&step_ids, &mut state).unwrap();
-            check(pos, logits.flatten_all().unwrap().to_vec1().unwrap());
+            check(pos, logits.values());
         }
     }
 }
@@ -104,17 +101,11 @@ fn chunked_prefill_equals_one_shot() {
     let reference = json("tiny-rms.logits.json");
     let ids = tensor_ids(&ids_of(&reference["input_ids"]));
     let full = model.forward(&ids).unwrap();
-    let last_full: Vec<f32> = full
-        .narrow(1, 19, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let last_full: Vec<f32> = full.narrow(1, 19, 1).unwrap().values();
     for chunk in [1, 3, 5, 8, 20, 64] {
         let mut state = model.new_state(2);
         let last = model.prefill_chunked(&ids, chunk, &mut state).unwrap();
-        let d = max_diff(&last.flatten_all().unwrap().to_vec1().unwrap(), &last_full);
+        let d = max_diff(&last.values(), &last_full);
         assert!(d < 1e-5, "chunk {chunk}: {d}");
     }
 }
@@ -125,20 +116,8 @@ fn bf16_stays_close_to_f32() {
     let m32 = load_model(&files, &Device::Cpu, DType::F32).unwrap();
     let m16 = load_model(&files, &Device::Cpu, DType::BF16).unwrap();
     let ids = tensor_ids(&ids_of(&json("tiny-rms.logits.json")["input_ids"]));
-    let a: Vec<f32> = m32
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = m16
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a: Vec<f32> = m32.forward(&ids).unwrap().values();
+    let b: Vec<f32> = m16.forward(&ids).unwrap().values();
     let d = max_diff(&a, &b);
     // bf16 keeps 8 bits of mantissa; logits here are O(1).
     assert!(d < 0.1, "bf16 drift {d}");
@@ -158,13 +137,7 @@ fn bf16_decode_steps_match_the_bf16_full_forward() {
         let model = load_model(&files, &Device::Cpu, DType::BF16).unwrap();
         let ids = ids_of(&json(fixture)["input_ids"]);
         let (batch, len) = (ids.len(), ids[0].len());
-        let full: Vec<f32> = model
-            .forward(&tensor_ids(&ids))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let full: Vec<f32> = model.forward(&tensor_ids(&ids)).unwrap().values();
         let vocab = full.len() / (batch * len);
         let prompt = 6;
         let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..prompt].to_vec()).collect();
@@ -174,13 +147,7 @@ fn bf16_decode_steps_match_the_bf16_full_forward() {
             .unwrap();
         for pos in prompt..len {
             let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
-            let got: Vec<f32> = model
-                .step(&step_ids, &mut state)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got: Vec<f32> = model.step(&step_ids, &mut state).unwrap().values();
             for b in 0..batch {
                 let w = &full[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
                 let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
@@ -224,22 +191,13 @@ fn decimation_case(name: &str) {
         let got = t.kept.clone().unwrap_or_else(|| (0..t.len_in).collect());
         assert_eq!(got, want, "{name}: kept indices of layer {layer}");
     }
-    let d = max_diff(
-        &logits.unwrap().flatten_all().unwrap().to_vec1().unwrap(),
-        &floats(&reference["logits"]),
-    );
+    let d = max_diff(&logits.unwrap().values(), &floats(&reference["logits"]));
     assert!(d < 1e-4, "{name}: logits differ by {d}");
     if let Some(decode) = reference.get("decode") {
         let new_ids = ids_of(&Value::Array(vec![decode["new_ids"].clone()]))[0].clone();
         let steps = decode["step_logits"].as_array().unwrap();
         for (id, want) in new_ids.iter().zip(steps) {
-            let got: Vec<f32> = model
-                .step(&[*id], &mut state)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got: Vec<f32> = model.step(&[*id], &mut state).unwrap().values();
             let d = max_diff(&got, &floats(want));
             assert!(
                 d < 1e-4,
@@ -283,13 +241,7 @@ fn decimation_first_layer_and_last_layer() {
 fn decimation_that_keeps_everything_is_exactly_vanilla() {
     let model = load("tiny-rms-hf");
     let ids = tensor_ids(&ids_of(&json("tiny-rms.logits.json")["input_ids"])[..1]);
-    let vanilla: Vec<f32> = model
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let vanilla: Vec<f32> = model.forward(&ids).unwrap().values();
     let cfg = DecimationConfig {
         decimating_layers: vec![0, 2],
         decimation_beta: 1.0,
@@ -303,15 +255,7 @@ fn decimation_that_keeps_everything_is_exactly_vanilla() {
         ..Default::default()
     };
     let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts).unwrap();
-    assert_eq!(
-        logits
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap(),
-        vanilla
-    );
+    assert_eq!(logits.unwrap().values(), vanilla);
     assert!(trace.layers.iter().all(|t| t.len_in == t.len_out));
 }
 
@@ -348,27 +292,12 @@ fn long_vanilla_prefill_in_chunks_equals_one_pass() {
         let (chunked, s1) = run(None);
         let (one_pass, s2) = run(Some(&keep_all));
         assert_eq!(chunked.dims(), one_pass.dims());
-        let d = max_diff(
-            &chunked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &one_pass.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        let d = max_diff(&chunked.values(), &one_pass.values());
         assert!(d < 1e-4, "{span:?}: {d}");
         // Decoding continues identically from both states.
         let (mut s1, mut s2) = (s1, s2);
-        let a: Vec<f32> = model
-            .step(&[5], &mut s1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = model
-            .step(&[5], &mut s2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a: Vec<f32> = model.step(&[5], &mut s1).unwrap().values();
+        let b: Vec<f32> = model.step(&[5], &mut s2).unwrap().values();
         assert!(max_diff(&a, &b) < 1e-4);
     }
 }
@@ -398,23 +327,8 @@ fn chunked_layers_before_decimation_give_the_same_result() {
             ..Default::default()
         };
         let (logits, trace) = m.forward_with_state(&ids, &mut state, &opts).unwrap();
-        let next: Vec<f32> = m
-            .step(&[3], &mut state)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (
-            logits
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            trace,
-            next,
-        )
+        let next: Vec<f32> = m.step(&[3], &mut state).unwrap().values();
+        (logits.unwrap().values(), trace, next)
     };
     let (a, ta, na) = run(&one_pass);
     let (b, tb, nb) = run(&chunked);

@@ -1,6 +1,7 @@
 //! Fixture helpers shared by the model tests (tests/model_parity.rs, tests/gpu.rs).
 #![allow(dead_code)]
 
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -56,4 +57,20 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A tensor's elements as f32, flattened.
+pub trait Values {
+    fn values(&self) -> Vec<f32>;
+}
+
+impl Values for Tensor {
+    fn values(&self) -> Vec<f32> {
+        self.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
 }
