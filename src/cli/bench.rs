@@ -22,9 +22,6 @@ pub struct BenchArgs {
     /// Prefills per length; the median is reported (every run is in the JSON).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
-    /// CPU threads (sets RAYON_NUM_THREADS); default: all cores.
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Also time decimated prefill (the --decimation settings, else the model preset or zero-shot rule).
     #[arg(long)]
     pub compare_decimation: bool,
@@ -62,12 +59,7 @@ pub fn parse_lengths(spec: &str) -> Result<Vec<usize>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if let Some(t) = args.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    super::common::apply_threads(args.model_args.threads)?;
     let lengths = parse_lengths(&args.lengths)?;
     let device = parse_device(&args.model_args.device)?;
     let dtype = parse_dtype(&args.model_args.dtype)?;

@@ -22,6 +22,28 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (the scan always accumulates in f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// CPU threads (the same as setting RAYON_NUM_THREADS); default: all cores.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// The most CPU threads `--threads` accepts: more only costs time spent creating them.
+pub const MAX_THREADS: usize = 1024;
+
+/// Applies `--threads` before any thread pool starts: it sets RAYON_NUM_THREADS, which
+/// rayon (and so candle) reads when its pool is first used.
+pub fn apply_threads(threads: Option<usize>) -> Result<()> {
+    match threads {
+        None => Ok(()),
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(t) if t > MAX_THREADS => {
+            anyhow::bail!("--threads {t} is more than the maximum of {MAX_THREADS}")
+        }
+        Some(t) => {
+            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            Ok(())
+        }
+    }
 }
 
 /// DeciMamba settings: a preset or file, with overrides.
@@ -50,6 +72,7 @@ pub struct DecimationArgs {
 impl ModelArgs {
     /// Load the model and tokenizer this argument set names.
     pub fn load(&self) -> Result<LoadedModel> {
+        apply_threads(self.threads)?;
         crate::loader::load(self)
     }
 }
@@ -131,10 +154,9 @@ pub fn finish_run(
             out.display()
         );
     }
-    println!(
+    super::output::println(&format!(
         "\nwrote {RESULTS_JSONL}, {} in {}",
         written.join(", "),
         out.display()
-    );
-    Ok(())
+    ))
 }

@@ -100,7 +100,7 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         options: &options,
     };
     let report = run_ppl(&job)?;
-    print!("{}", report.table());
+    super::output::print(&report.table())?;
     for c in report.coverage.iter().filter(|c| c.docs_used == 0) {
         eprintln!(
             "note: no document has at least {} tokens, so length {} has no perplexity",

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod common;
 pub mod eval_ppl;
 pub mod generate;
+pub mod output;
 pub mod passkey;
 
 use clap::{Parser, Subcommand};

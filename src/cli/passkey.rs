@@ -74,7 +74,7 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         options: &options,
     };
     let report = run_passkey(&job)?;
-    print!("{}", report.grid.table());
+    super::output::print(&report.grid.table())?;
     super::common::finish_run(
         report.complete,
         report.samples.len(),
