@@ -3,7 +3,9 @@
 //!
 //! Reopening a folder checks that the settings match (a mismatch is an error,
 //! so results of different runs never mix), returns the finished records, and
-//! drops a torn last line left by an interrupted write.
+//! drops a torn last line left by an interrupted write. An open run holds an
+//! exclusive lock on `run.lock`, so two processes never share one folder, and a
+//! folder with other files and no `run.json` (not a run of this tool) is refused.
 
 use super::common::atomic_write_json;
 use anyhow::{bail, Context, Result};
@@ -18,12 +20,89 @@ use std::path::{Path, PathBuf};
 pub const RUN_JSON: &str = "run.json";
 /// File name of the streamed results.
 pub const RESULTS_JSONL: &str = "results.jsonl";
+/// File name of the lock an open run holds (it names the holder's PID).
+pub const RUN_LOCK: &str = "run.lock";
 
 /// An open run folder, appending to `results.jsonl`.
 #[derive(Debug)]
 pub struct RunLog {
     dir: PathBuf,
     file: File,
+    /// Held (locked) for as long as the run is open; the OS releases it on exit.
+    _lock: File,
+}
+
+/// Takes the exclusive lock of the run folder `dir`, or says which process holds it.
+fn lock_run_folder(dir: &Path) -> Result<File> {
+    let path = dir.join(RUN_LOCK);
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            bail!(
+                "{} is in use by another decimamba run (PID {}); wait for it to finish or use another --out folder",
+                dir.display(),
+                if holder.is_empty() { "unknown" } else { holder }
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    lock.set_len(0)
+        .and_then(|_| writeln!(lock, "{}", std::process::id()))
+        .and_then(|_| lock.flush())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(lock)
+}
+
+/// Checks an output folder before a run: creates it, makes sure a file can be written
+/// in it, and refuses a folder of other files (see [`RunLog::open`]).
+pub fn check_out_folder(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} is a file, not a folder", dir.display());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    File::create(&probe)
+        .and_then(|mut f| f.write_all(b"ok"))
+        .with_context(|| format!("output folder {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    if !dir.join(RUN_JSON).exists() {
+        check_is_run_folder(dir)?;
+    }
+    Ok(())
+}
+
+/// Refuses a folder that holds files but no run of this tool (for example a model
+/// folder given as `--out` by mistake).
+fn check_is_run_folder(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read output folder {}", dir.display()))?;
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != RUN_LOCK && n != RESULTS_JSONL && !n.starts_with(".write-test-"))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    bail!(
+        "{} is not a run folder of this tool (no {RUN_JSON}, but it holds {}{}); give an empty or new --out folder",
+        dir.display(),
+        foreign[0],
+        if foreign.len() > 1 { format!(" and {} more", foreign.len() - 1) } else { String::new() }
+    )
 }
 
 impl RunLog {
@@ -35,6 +114,8 @@ impl RunLog {
     pub fn open<T: DeserializeOwned>(dir: &Path, settings: &Value) -> Result<(RunLog, Vec<T>)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        // The lock comes first: the settings check below must not race another process.
+        let lock = lock_run_folder(dir)?;
         let run_path = dir.join(RUN_JSON);
         let results_path = dir.join(RESULTS_JSONL);
         if run_path.exists() {
@@ -60,6 +141,7 @@ impl RunLog {
                     RUN_JSON
                 );
             }
+            check_is_run_folder(dir)?;
             atomic_write_json(&run_path, settings)?;
         }
 
@@ -77,6 +159,7 @@ impl RunLog {
             RunLog {
                 dir: dir.to_path_buf(),
                 file,
+                _lock: lock,
             },
             records,
         ))
@@ -143,9 +226,15 @@ fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     Ok(records)
 }
 
-/// Top-level keys whose values differ between two settings objects, rendered
-/// as `key: old → new`.
+/// The settings that differ between two settings objects, rendered as
+/// `path: old → new`; nested objects are compared key by key (`model.dtype: …`).
 fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    diff_values("", Some(old), Some(new), &mut out);
+    out
+}
+
+fn diff_values(path: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec<String>) {
     let short = |v: Option<&Value>| {
         let s = v.map(|v| v.to_string()).unwrap_or_else(|| "absent".into());
         if s.chars().count() > 60 {
@@ -154,18 +243,25 @@ fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
             s
         }
     };
-    match (old.as_object(), new.as_object()) {
-        (Some(o), Some(n)) => {
+    match (old, new) {
+        (Some(Value::Object(o)), Some(Value::Object(n))) => {
             let mut keys: Vec<&String> = o.keys().chain(n.keys()).collect();
             keys.sort();
             keys.dedup();
-            keys.into_iter()
-                .filter(|k| o.get(*k) != n.get(*k))
-                .map(|k| format!("{k}: {} → {}", short(o.get(k)), short(n.get(k))))
-                .collect()
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff_values(&sub, o.get(k), n.get(k), out);
+            }
         }
-        _ if old != new => vec!["settings".to_string()],
-        _ => Vec::new(),
+        (o, n) if o != n => {
+            let name = if path.is_empty() { "settings" } else { path };
+            out.push(format!("{name}: {} → {}", short(o), short(n)));
+        }
+        _ => {}
     }
 }
 
@@ -220,6 +316,44 @@ mod tests {
         std::fs::write(d.path().join(RESULTS_JSONL), "{\"i\":1}\nxx\n{\"i\":2}\n").unwrap();
         let e = RunLog::open::<Rec>(d.path(), &s).unwrap_err().to_string();
         assert!(e.contains("line 2 is corrupt"), "{e}");
+    }
+
+    #[test]
+    fn nested_settings_differences_name_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let s = json!({"model": {"name": "m", "dtype": "f32"}});
+        drop(RunLog::open::<Rec>(d.path(), &s).unwrap());
+        let e = RunLog::open::<Rec>(d.path(), &json!({"model": {"name": "m", "dtype": "bf16"}}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.dtype: \"f32\" → \"bf16\""), "{e}");
+        assert!(!e.contains("model.name"), "{e}");
+    }
+
+    #[test]
+    fn a_second_open_of_a_locked_folder_names_the_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let s = json!({});
+        let (first, _) = RunLog::open::<Rec>(d.path(), &s).unwrap();
+        let e = RunLog::open::<Rec>(d.path(), &s).unwrap_err().to_string();
+        assert!(e.contains("in use by another decimamba run"), "{e}");
+        assert!(e.contains(&format!("PID {}", std::process::id())), "{e}");
+        drop(first);
+        // Released with the run: the folder opens again.
+        RunLog::open::<Rec>(d.path(), &s).unwrap();
+    }
+
+    #[test]
+    fn a_folder_of_other_files_is_not_a_run_folder() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::write(d.path().join("model.safetensors"), "x").unwrap();
+        let e = RunLog::open::<Rec>(d.path(), &json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a run folder"), "{e}");
+        assert!(e.contains("config.json and 1 more"), "{e}");
+        assert!(!d.path().join(RUN_JSON).exists());
     }
 
     #[test]
