@@ -4,6 +4,7 @@
 
 use crate::cli::common::ModelArgs;
 use crate::decimation::DecimationConfig;
+use crate::eval::common::fnv1a64;
 use crate::eval::{EvalModel, GreedyOutput, TailScore};
 use crate::generation::{self, GenerateParams};
 use crate::hub::{looks_like_repo_id, HubRepo};
@@ -61,6 +62,11 @@ pub struct ModelFiles {
     pub template_json: Option<String>,
     pub haystack: Option<String>,
     pub train_len: Option<usize>,
+    /// Path of config.json (None for the embedded model).
+    pub config_path: Option<PathBuf>,
+    /// The hub revision asked for, and the commit it resolved to (hub models only).
+    pub revision: Option<String>,
+    pub commit: Option<String>,
 }
 
 fn read_text(p: &Path) -> Result<String> {
@@ -142,6 +148,9 @@ pub fn files_from_dir(dir: &Path) -> Result<ModelFiles> {
         template_json: optional("passkey_template.json")?,
         haystack: optional("haystack.txt")?,
         train_len: None,
+        config_path: Some(config.clone()),
+        revision: None,
+        commit: None,
     })
 }
 
@@ -185,6 +194,9 @@ pub fn files_from_hub(repo: &HubRepo) -> Result<ModelFiles> {
         template_json: optional_text("passkey_template.json")?,
         haystack: None,
         train_len: None,
+        commit: snapshot_commit(&config),
+        config_path: Some(config),
+        revision: Some(repo.revision.clone()),
     })
 }
 
@@ -201,10 +213,56 @@ pub fn embedded_files() -> Result<ModelFiles> {
             template_json: embedded::TEMPLATE.map(str::to_string),
             haystack: embedded::HAYSTACK.map(str::to_string),
             train_len: Some(embedded::TRAIN_LEN),
+            config_path: None,
+            revision: None,
+            commit: None,
         })
     }
     #[cfg(not(embedded_model))]
     bail!("this build has no embedded model (models/passkey-mamba was missing at build time); pass --model")
+}
+
+/// The commit of a hub-cache snapshot file (`…/snapshots/<commit>/<file>`).
+fn snapshot_commit(path: &Path) -> Option<String> {
+    path.ancestors().find_map(|a| {
+        let parent = a.parent()?;
+        (parent.file_name()? == "snapshots")
+            .then(|| a.file_name().map(|n| n.to_string_lossy().into_owned()))?
+    })
+}
+
+/// Bytes hashed from each end of a file for its fingerprint: the safetensors header and
+/// the first and last tensors, without reading gigabytes.
+const FINGERPRINT_SPAN: u64 = 1 << 20;
+
+/// Size, modification time and a hash of the first and last MiB of `path`: cheap, and
+/// it changes when a checkpoint is replaced in place.
+pub fn file_fingerprint(path: &Path) -> Result<serde_json::Value> {
+    use std::io::{Seek, SeekFrom};
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = f.metadata()?;
+    let size = meta.len();
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let mut head = vec![0u8; size.min(FINGERPRINT_SPAN) as usize];
+    f.read_exact(&mut head)?;
+    if size > FINGERPRINT_SPAN {
+        let tail_len = (size - FINGERPRINT_SPAN).min(FINGERPRINT_SPAN);
+        f.seek(SeekFrom::Start(size - tail_len))?;
+        let mut tail = vec![0u8; tail_len as usize];
+        f.read_exact(&mut tail)?;
+        head.extend_from_slice(&tail);
+    }
+    Ok(serde_json::json!({
+        "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "bytes": size,
+        "mtime": mtime,
+        "fnv1a64": format!("{:016x}", fnv1a64(&head)),
+    }))
 }
 
 /// Finds the files `spec` names: a directory if one exists at that path, else a hub repo id.
@@ -221,48 +279,82 @@ pub fn find_files(spec: Option<&str>, revision: &str) -> Result<ModelFiles> {
     }
 }
 
-/// The GPT-NeoX-20B tokenizer that Mamba checkpoints use, from the copy built into the
-/// binary (identical to EleutherAI/gpt-neox-20b's tokenizer.json), else the hub.
-pub fn neox_tokenizer() -> Result<Tokenizer> {
+/// The hub repo whose tokenizer Mamba checkpoints use.
+pub const NEOX_REPO: &str = "EleutherAI/gpt-neox-20b";
+
+/// Which tokenizer a model runs with: where it came from and a hash of its JSON, so that
+/// a resumed run can tell it is the same one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenizerSource {
+    /// `model` (the checkpoint's own), `built-in gpt-neox-20b`, a path or a repo id.
+    pub source: String,
+    pub fnv1a64: String,
+}
+
+impl TokenizerSource {
+    fn new(source: &str, json: &[u8]) -> Self {
+        Self {
+            source: source.to_string(),
+            fnv1a64: format!("{:016x}", fnv1a64(json)),
+        }
+    }
+}
+
+/// tokenizer.json bytes of GPT-NeoX-20B: the copy built into the binary (identical to
+/// EleutherAI/gpt-neox-20b's), else the hub.
+fn neox_tokenizer_json() -> Result<(Vec<u8>, String)> {
     #[cfg(embedded_neox)]
     {
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(NEOX_TOKENIZER_GZ)
             .read_to_end(&mut json)
             .context("built-in tokenizer is corrupt")?;
-        tokenizer_from_bytes(&json, "built-in gpt-neox-20b tokenizer")
+        Ok((json, "built-in gpt-neox-20b".to_string()))
     }
     #[cfg(not(embedded_neox))]
     {
-        let repo = HubRepo::new("EleutherAI/gpt-neox-20b", "main", RepoType::Model);
+        let repo = HubRepo::new(NEOX_REPO, "main", RepoType::Model);
         let path = repo.require("tokenizer.json")?;
-        tokenizer_from_bytes(&std::fs::read(&path)?, &path.display().to_string())
+        Ok((std::fs::read(&path)?, NEOX_REPO.to_string()))
     }
+}
+
+/// The GPT-NeoX-20B tokenizer that Mamba checkpoints use (see [`neox_tokenizer_json`]).
+pub fn neox_tokenizer() -> Result<Tokenizer> {
+    let (json, what) = neox_tokenizer_json()?;
+    tokenizer_from_bytes(&json, &what)
 }
 
 fn tokenizer_from_bytes(bytes: &[u8], what: &str) -> Result<Tokenizer> {
     Tokenizer::from_bytes(bytes).map_err(|e| anyhow::anyhow!("cannot load tokenizer {what}: {e}"))
 }
 
-/// `--tokenizer`: a tokenizer.json path or a hub repo id holding one.
-pub fn tokenizer_from_spec(spec: &str) -> Result<Tokenizer> {
+/// `--tokenizer`: a tokenizer.json path, a folder holding one, or a hub repo id
+/// (EleutherAI/gpt-neox-20b is the built-in copy, so it needs no network).
+pub fn tokenizer_from_spec(spec: &str) -> Result<(Tokenizer, TokenizerSource)> {
     let p = Path::new(spec);
-    if p.is_file() {
-        return tokenizer_from_bytes(&std::fs::read(p)?, spec);
-    }
-    if p.is_dir() {
+    let (bytes, what) = if p.is_file() {
+        (
+            std::fs::read(p).with_context(|| format!("cannot read tokenizer {spec}"))?,
+            spec.to_string(),
+        )
+    } else if p.is_dir() {
         let f = p.join("tokenizer.json");
         if !f.exists() {
             bail!("no tokenizer.json in {spec}");
         }
-        return tokenizer_from_bytes(&std::fs::read(&f)?, &f.display().to_string());
-    }
-    if looks_like_repo_id(spec) {
+        (std::fs::read(&f)?, f.display().to_string())
+    } else if spec.eq_ignore_ascii_case(NEOX_REPO) {
+        neox_tokenizer_json()?
+    } else if looks_like_repo_id(spec) {
         let repo = HubRepo::new(spec, "main", RepoType::Model);
         let path = repo.require("tokenizer.json")?;
-        return tokenizer_from_bytes(&std::fs::read(&path)?, spec);
-    }
-    bail!("tokenizer \"{spec}\" is neither a file, a directory nor a hub repo id")
+        (std::fs::read(&path)?, spec.to_string())
+    } else {
+        bail!("tokenizer \"{spec}\" is neither a file, a directory nor a hub repo id")
+    };
+    let tokenizer = tokenizer_from_bytes(&bytes, &what)?;
+    Ok((tokenizer, TokenizerSource::new(&what, &bytes)))
 }
 
 /// Parses `--device`.
@@ -292,6 +384,15 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             }
         }
         other => bail!("unknown device \"{other}\": expected cpu, cuda, cuda:N or metal"),
+    }
+}
+
+/// `cpu`, `cuda` or `metal`: the kind of device, which changes results (the ordinal does not).
+pub fn device_kind(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
     }
 }
 
@@ -385,6 +486,10 @@ pub struct LoadedModel {
     pub model: MambaModel,
     pub tokenizer: Tokenizer,
     pub files: ModelFiles,
+    /// Where the tokenizer came from (recorded in run folders).
+    pub tokenizer_source: TokenizerSource,
+    /// Problems found at load that do not stop it (the CLI prints them).
+    pub warnings: Vec<String>,
     eos: Option<u32>,
 }
 
@@ -393,15 +498,24 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let files = find_files(args.model.as_deref(), &args.revision)?;
-    let tokenizer = match (&args.tokenizer, &files.tokenizer_json) {
+    let (tokenizer, tokenizer_source) = match (&args.tokenizer, &files.tokenizer_json) {
         (Some(spec), _) => tokenizer_from_spec(spec)?,
-        (None, Some(bytes)) => {
-            tokenizer_from_bytes(bytes, &format!("{}/tokenizer.json", files.name))?
+        (None, Some(bytes)) => (
+            tokenizer_from_bytes(bytes, &format!("{}/tokenizer.json", files.name))?,
+            TokenizerSource::new("model", bytes),
+        ),
+        (None, None) => {
+            let (json, what) = neox_tokenizer_json()?;
+            (
+                tokenizer_from_bytes(&json, &what)?,
+                TokenizerSource::new(&what, &json),
+            )
         }
-        (None, None) => neox_tokenizer()?,
     };
     let model = load_model(&files, &device, dtype)?;
-    LoadedModel::new(model, tokenizer, files)
+    let mut loaded = LoadedModel::new(model, tokenizer, files)?;
+    loaded.tokenizer_source = tokenizer_source;
+    Ok(loaded)
 }
 
 impl LoadedModel {
@@ -418,10 +532,30 @@ impl LoadedModel {
                 model.config().vocab_size
             );
         }
+        let mut warnings = Vec::new();
+        let rows = model.config().vocab_size;
+        // Checkpoints pad the embedding to a multiple of 8 rows; a larger gap means ids
+        // the tokenizer cannot decode (generation masks them).
+        if rows > vocab.div_ceil(8) * 8 {
+            warnings.push(format!(
+                "model {} has {rows} embedding rows but the tokenizer only {vocab} tokens: ids {vocab}..{} are never produced; wrong tokenizer?",
+                files.name,
+                rows - 1
+            ));
+        }
+        let tokenizer_source = match &files.tokenizer_json {
+            Some(bytes) => TokenizerSource::new("model", bytes),
+            None => TokenizerSource {
+                source: "given".to_string(),
+                fnv1a64: String::new(),
+            },
+        };
         Ok(Self {
             model,
             tokenizer,
             files,
+            tokenizer_source,
+            warnings,
             eos,
         })
     }
@@ -436,6 +570,44 @@ impl LoadedModel {
 
     pub fn eos_token_id(&self) -> Option<u32> {
         self.eos
+    }
+
+    /// Every setting of the loaded model that changes a result: where it came from
+    /// (revision and resolved commit on the hub), fingerprints of its config and weight
+    /// files, the tokenizer, the device kind, dtype and backend. Run folders record it,
+    /// and a resume with anything different is refused.
+    pub fn identity(&self) -> Result<serde_json::Value> {
+        let f = &self.files;
+        let mut files = Vec::new();
+        if let Some(p) = &f.config_path {
+            files.push(file_fingerprint(p)?);
+        }
+        match &f.weights {
+            WeightFiles::Safetensors(paths) => {
+                for p in paths {
+                    files.push(file_fingerprint(p)?);
+                }
+            }
+            WeightFiles::Pytorch(p) => files.push(file_fingerprint(p)?),
+            WeightFiles::Embedded(bytes) => files.push(serde_json::json!({
+                "file": "embedded",
+                "bytes": bytes.len(),
+                "fnv1a64": format!("{:016x}", fnv1a64(bytes)),
+            })),
+        }
+        let device = self.model.device();
+        Ok(serde_json::json!({
+            "name": f.name,
+            // The commit a revision resolved to is what decides the result; a branch
+            // name is recorded only when no commit is known.
+            "revision": if f.commit.is_some() { None } else { f.revision.clone() },
+            "commit": f.commit,
+            "files": files,
+            "tokenizer": self.tokenizer_source,
+            "device": device_kind(device),
+            "dtype": format!("{:?}", self.model.dtype()).to_lowercase(),
+            "backend": self.model.backend_name(),
+        }))
     }
 
     /// The decimation preset shipped beside the model (`decimation.json`), if valid.
@@ -568,5 +740,9 @@ impl EvalModel for LoadedModel {
 
     fn name(&self) -> String {
         self.files.name.clone()
+    }
+
+    fn identity(&self) -> Result<serde_json::Value> {
+        LoadedModel::identity(self)
     }
 }

@@ -63,4 +63,9 @@ pub trait EvalModel {
     ) -> anyhow::Result<TailScore>;
     /// A short name for reports (model id or directory).
     fn name(&self) -> String;
+    /// What identifies the model in `run.json`: everything about it that changes a
+    /// result (files, revision, tokenizer, device kind, dtype, backend).
+    fn identity(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::json!({ "name": self.name() }))
+    }
 }

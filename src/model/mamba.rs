@@ -231,6 +231,11 @@ pub enum LogitsSpan {
     None,
 }
 
+/// A forward pass stopped because the model's cancel flag was set (Ctrl-C).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
 /// Options of one forward pass.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardOptions<'a> {
@@ -758,6 +763,9 @@ pub struct MambaModel {
     device: Device,
     /// CPU prefills longer than twice this run their vanilla layers in chunks of it.
     prefill_chunk: Option<usize>,
+    /// When set (by Ctrl-C), a forward pass stops between layers and chunks with
+    /// [`Interrupted`].
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// The captured CUDA decode step (shared by clones, which share the weights).
     #[cfg(feature = "cuda")]
     decode_graph: std::sync::Arc<cuda::DecodeCache>,
@@ -816,9 +824,24 @@ impl MambaModel {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             prefill_chunk: Some(CPU_PREFILL_CHUNK),
+            cancel: None,
             #[cfg(feature = "cuda")]
             decode_graph: Default::default(),
         })
+    }
+
+    /// A flag that, once set, makes every forward pass stop between layers and chunks
+    /// with [`Interrupted`] (a long prefill need not run to its end after Ctrl-C).
+    pub fn set_cancel_flag(&mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.cancel = flag;
+    }
+
+    /// Errs with [`Interrupted`] once the cancel flag is set.
+    fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(f) if f.load(std::sync::atomic::Ordering::Relaxed) => Err(Interrupted.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Sets the chunk length of long CPU prefills (`None`: always one pass). Results do not
@@ -834,6 +857,16 @@ impl MambaModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Which kernels run the mixer (`cpu-simd` or `cuda-nvrtc`): recorded with results,
+    /// since each sums in its own order.
+    pub fn backend_name(&self) -> &'static str {
+        if self.device.is_cuda() {
+            "cuda-nvrtc"
+        } else {
+            "cpu-simd"
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -1014,6 +1047,7 @@ impl MambaModel {
         }
         let residual_dtype = residual.dtype();
         for i in layers {
+            self.check_cancel()?;
             let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
             let len_in = residual.dim(1)?;
             let step = self.decimation_step(opts, i);
@@ -1052,6 +1086,7 @@ impl MambaModel {
         // The last mixer's output, added at the next block's norm (or at the end).
         let mut pending: Option<(Tensor, usize)> = None;
         for i in layers {
+            self.check_cancel()?;
             let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
             let params = block
                 .mixer
