@@ -77,7 +77,7 @@ impl RunOptions {
 }
 
 /// Installs a Ctrl-C handler: the first press sets the returned flag (the run
-/// stops after the current sample and can be resumed), a second press exits
+/// stops, mid-prefill too when the model holds the flag, and can be resumed), a second press exits
 /// at once with status 130. If another handler is already installed, the flag
 /// is returned but never set.
 pub fn install_interrupt_flag() -> Arc<AtomicBool> {
@@ -88,11 +88,18 @@ pub fn install_interrupt_flag() -> Arc<AtomicBool> {
             std::process::exit(130);
         }
         eprintln!(
-            "\ninterrupted: stopping after the current item (finished results are saved; \
-             rerun the same command to resume). Press Ctrl-C again to quit now."
+            "\ninterrupted: stopping at the next layer (the item in progress is dropped; \
+             finished results are saved, rerun the same command to resume). Press Ctrl-C \
+             again to quit now."
         );
     });
     flag
+}
+
+/// `text` without a leading UTF-8 byte-order mark (U+FEFF), which Windows editors
+/// write and which would otherwise become a token or break JSON parsing.
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// Parses one context length: a token count such as `1024`, or a number with
@@ -308,6 +315,13 @@ pub fn render_table(header: &[String], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_order_marks_are_stripped() {
+        assert_eq!(strip_bom("\u{feff}abc"), "abc");
+        assert_eq!(strip_bom("abc\u{feff}"), "abc\u{feff}");
+        assert_eq!(strip_bom(""), "");
+    }
 
     #[test]
     fn lengths_parse_with_k_suffix() {

@@ -10,8 +10,8 @@
 //! a shipped model was fine-tuned on exactly these prompts.
 
 use super::common::{
-    atomic_write_json, fnv1a64, format_length, mix_seed, progress_bar, render_table, Method,
-    RunOptions,
+    atomic_write_json, fnv1a64, format_length, mix_seed, progress_bar, render_table, strip_bom,
+    Method, RunOptions,
 };
 use super::plot::{passkey_heatmap, HeatmapPanel};
 use super::runlog::RunLog;
@@ -152,7 +152,7 @@ pub fn resolve_template(
             if p.is_file() {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("cannot read template {}", p.display()))?;
-                PasskeyTemplate::from_json(&text, &p.display().to_string())
+                PasskeyTemplate::from_json(strip_bom(&text), &p.display().to_string())
             } else {
                 bail!(
                     "unknown passkey template '{other}': not a preset ({}) nor a JSON file",
@@ -251,7 +251,7 @@ impl Haystack {
                     e.utf8_error().valid_up_to()
                 )
             })?;
-            text.push_str(&s);
+            text.push_str(strip_bom(&s));
             text.push(' ');
         }
         Haystack::from_text(path.display().to_string(), &text)
@@ -694,10 +694,10 @@ pub struct PasskeyReport {
 
 impl PasskeyJob<'_> {
     /// The settings recorded in `run.json`; a rerun must match them to resume.
-    pub fn run_settings(&self) -> Value {
-        json!({
+    pub fn run_settings(&self) -> Result<Value> {
+        Ok(json!({
             "eval": "passkey",
-            "model": self.model.name(),
+            "model": self.model.identity()?,
             "template": self.template,
             "haystack": {
                 "sentences": self.haystack.sentences().len(),
@@ -709,7 +709,7 @@ impl PasskeyJob<'_> {
             "seed": self.settings.seed,
             "max_new_tokens": self.settings.max_new_tokens,
             "methods": self.methods,
-        })
+        }))
     }
 
     fn validate(&self, builder: &PromptBuilder) -> Result<()> {
@@ -751,7 +751,7 @@ pub fn run_passkey(job: &PasskeyJob) -> Result<PasskeyReport> {
     let s = job.settings;
     let mut builder = PromptBuilder::new(model, job.template, job.haystack)?;
     job.validate(&builder)?;
-    let (mut log, prior) = RunLog::open::<PasskeySample>(job.out_dir, &job.run_settings())?;
+    let (mut log, prior) = RunLog::open::<PasskeySample>(job.out_dir, &job.run_settings()?)?;
 
     let mut done: HashMap<SampleKey, PasskeySample> = HashMap::new();
     for r in prior {
@@ -795,16 +795,26 @@ pub fn run_passkey(job: &PasskeyJob) -> Result<PasskeyReport> {
                         m.name,
                         format_length(length)
                     ));
-                    let out = model
-                        .generate_greedy(&prompt.ids, s.max_new_tokens, m.decimation.as_ref())
-                        .with_context(|| {
-                            format!(
+                    let out = match model.generate_greedy(
+                        &prompt.ids,
+                        s.max_new_tokens,
+                        m.decimation.as_ref(),
+                    ) {
+                        Ok(out) => out,
+                        // Ctrl-C stopped the prefill: this sample is abandoned.
+                        Err(_) if job.options.stopped() => {
+                            interrupted = true;
+                            break 'grid;
+                        }
+                        Err(e) => {
+                            return Err(e.context(format!(
                                 "{} failed at length {length}, depth {depth}, sample {sample} \
                                  (finished samples are saved in {})",
                                 m.name,
                                 log.results_path().display()
-                            )
-                        })?;
+                            )))
+                        }
+                    };
                     let rec = PasskeySample {
                         method: m.name.clone(),
                         length,
@@ -840,8 +850,24 @@ pub fn run_passkey(job: &PasskeyJob) -> Result<PasskeyReport> {
         }
     }
     let method_names: Vec<String> = job.methods.iter().map(|m| m.name.clone()).collect();
-    let grid = PasskeyGrid::from_samples(&s.lengths, &s.depths, &method_names, &samples);
     let complete = !interrupted && samples.len() == total;
+    let grid = if complete {
+        PasskeyGrid::from_samples(&s.lengths, &s.depths, &method_names, &samples)
+    } else {
+        // A partial grid compares methods on the same samples: those every method finished.
+        let mut finished: HashMap<SampleKey, usize> = HashMap::new();
+        for r in &samples {
+            *finished
+                .entry(sample_key("", r.length, r.depth, r.sample))
+                .or_default() += 1;
+        }
+        let common: Vec<PasskeySample> = samples
+            .iter()
+            .filter(|r| finished[&sample_key("", r.length, r.depth, r.sample)] == job.methods.len())
+            .cloned()
+            .collect();
+        PasskeyGrid::from_samples(&s.lengths, &s.depths, &method_names, &common)
+    };
     let report = PasskeyReport {
         samples,
         grid,

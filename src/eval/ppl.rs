@@ -213,8 +213,15 @@ impl PplReport {
                 r
             })
             .collect();
+        let partial = if self.complete {
+            ""
+        } else if self.methods.len() > 1 {
+            "partial run: only the windows every method finished are counted\n"
+        } else {
+            "partial run: only the finished windows are counted\n"
+        };
         format!(
-            "perplexity on the last {} tokens of each window (K = 1024 tokens; windows per method)\n{}",
+            "{partial}perplexity on the last {} tokens of each window (K = 1024 tokens; windows per method)\n{}",
             self.pred_len,
             render_table(&header, &rows)
         )
@@ -257,7 +264,7 @@ pub mod files {
 
 impl PplJob<'_> {
     /// The settings recorded in `run.json`; a rerun must match them to resume.
-    pub fn run_settings(&self) -> Value {
+    pub fn run_settings(&self) -> Result<Value> {
         let mut h = Vec::new();
         for d in self.docs {
             h.extend_from_slice(d.name.as_bytes());
@@ -266,9 +273,9 @@ impl PplJob<'_> {
                 h.extend_from_slice(&t.to_le_bytes());
             }
         }
-        json!({
+        Ok(json!({
             "eval": "perplexity",
-            "model": self.model.name(),
+            "model": self.model.identity()?,
             "data": {
                 "documents": self.docs.len(),
                 "tokens": self.docs.iter().map(|d| d.tokens.len()).sum::<usize>(),
@@ -278,7 +285,7 @@ impl PplJob<'_> {
             "windows": self.settings.windows,
             "pred_len": self.settings.pred_len,
             "methods": self.methods,
-        })
+        }))
     }
 
     fn validate(&self) -> Result<()> {
@@ -326,7 +333,7 @@ impl PplJob<'_> {
 pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
     job.validate()?;
     let s = job.settings;
-    let (mut log, prior) = RunLog::open::<WindowResult>(job.out_dir, &job.run_settings())?;
+    let (mut log, prior) = RunLog::open::<WindowResult>(job.out_dir, &job.run_settings()?)?;
     let mut done: HashMap<WindowKey, WindowResult> = HashMap::new();
     for r in prior {
         done.insert(window_key(&r.method, r.length, r.doc, r.window), r);
@@ -384,18 +391,27 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
                         m.name,
                         format_length(w)
                     ));
-                    let score = job
-                        .model
-                        .score_tail(window, s.pred_len, m.decimation.as_ref())
-                        .with_context(|| {
-                            format!(
-                                "{} failed at length {w}, document {} window {wi} \
+                    let score =
+                        match job
+                            .model
+                            .score_tail(window, s.pred_len, m.decimation.as_ref())
+                        {
+                            Ok(score) => score,
+                            // Ctrl-C stopped the forward pass: this window is abandoned.
+                            Err(_) if job.options.stopped() => {
+                                interrupted = true;
+                                break 'run;
+                            }
+                            Err(e) => {
+                                return Err(e.context(format!(
+                                    "{} failed at length {w}, document {} window {wi} \
                                  (finished windows are saved in {})",
-                                m.name,
-                                doc.name,
-                                log.results_path().display()
-                            )
-                        })?;
+                                    m.name,
+                                    doc.name,
+                                    log.results_path().display()
+                                )))
+                            }
+                        };
                     if score.nll.len() != s.pred_len {
                         bail!(
                             "the model returned {} NLLs for a window, expected --pred-len {}",
@@ -426,6 +442,39 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
     }
     pb.finish_and_clear();
 
+    let complete = !interrupted && done.len() == total;
+    // A partial table compares methods on the same windows: those every method finished.
+    let finished_by_all = |w: usize, di: usize, wi: usize| {
+        job.methods
+            .iter()
+            .all(|m| done.contains_key(&window_key(&m.name, w, di, wi)))
+    };
+    let mut coverage = coverage;
+    if !complete {
+        for c in &mut coverage {
+            let mut docs_used = 0;
+            let mut windows = 0;
+            for (di, doc) in job.docs.iter().enumerate() {
+                let n = (0..window_starts(doc.tokens.len(), c.length, s.windows).len())
+                    .filter(|&wi| finished_by_all(c.length, di, wi))
+                    .count();
+                docs_used += usize::from(n > 0);
+                windows += n;
+            }
+            c.docs_used = docs_used;
+            c.windows = windows;
+        }
+    }
+    let mut in_table: HashSet<(usize, usize, usize)> = HashSet::new();
+    for &w in &s.lengths {
+        for (di, doc) in job.docs.iter().enumerate() {
+            for wi in 0..window_starts(doc.tokens.len(), w, s.windows).len() {
+                if finished_by_all(w, di, wi) {
+                    in_table.insert((w, di, wi));
+                }
+            }
+        }
+    }
     let mut windows = Vec::with_capacity(done.len());
     let mut rows = Vec::new();
     for m in job.methods {
@@ -435,8 +484,10 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
             for (di, doc) in job.docs.iter().enumerate() {
                 for wi in 0..window_starts(doc.tokens.len(), w, s.windows).len() {
                     if let Some(r) = done.remove(&window_key(&m.name, w, di, wi)) {
-                        sum += r.mean_nll;
-                        n += 1;
+                        if in_table.contains(&(w, di, wi)) {
+                            sum += r.mean_nll;
+                            n += 1;
+                        }
                         windows.push(r);
                     }
                 }
@@ -451,7 +502,6 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
             });
         }
     }
-    let complete = !interrupted && windows.len() == total;
     let report = PplReport {
         methods: job.methods.iter().map(|m| m.name.clone()).collect(),
         pred_len: s.pred_len,
