@@ -10,6 +10,7 @@ pub mod eval;
 pub mod generation;
 pub mod hub;
 pub mod loader;
+pub mod memory;
 pub mod model;
 
 pub use decimation::DecimationConfig;

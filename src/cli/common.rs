@@ -25,6 +25,35 @@ pub struct ModelArgs {
     /// CPU threads (the same as setting RAYON_NUM_THREADS); default: all cores.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Run even when the memory estimate of the longest input exceeds the memory available.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Refuses (unless `--force`) a prefill of `len` tokens that would not fit in memory.
+/// `decimating`: some layer keeps the whole sequence to score it.
+pub fn check_memory(
+    model: &crate::MambaModel,
+    len: usize,
+    decimating: bool,
+    logits_rows: usize,
+    force: bool,
+    what: &str,
+) -> Result<()> {
+    let need = crate::memory::prefill_bytes(
+        model.config(),
+        model.dtype(),
+        len,
+        model.device().is_cpu(),
+        decimating,
+        logits_rows,
+    );
+    crate::memory::check_fits(
+        need,
+        crate::memory::available_bytes(model.device()),
+        what,
+        force,
+    )
 }
 
 /// The most CPU threads `--threads` accepts: more only costs time spent creating them.
@@ -73,7 +102,11 @@ impl ModelArgs {
     /// Load the model and tokenizer this argument set names.
     pub fn load(&self) -> Result<LoadedModel> {
         apply_threads(self.threads)?;
-        crate::loader::load(self)
+        let loaded = crate::loader::load(self)?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        Ok(loaded)
     }
 }
 
@@ -129,11 +162,35 @@ impl EvalRunArgs {
         })
     }
 
-    /// The run folder: `--out`, else `runs/<kind>-<timestamp>`.
-    pub fn out_dir(&self, kind: &str) -> std::path::PathBuf {
-        self.out
+    /// The run folder: `--out`, else `runs/<kind>-<timestamp>`, checked (writable, and
+    /// empty or a run of this tool) before any work starts.
+    pub fn out_dir(&self, kind: &str) -> Result<std::path::PathBuf> {
+        let dir = self
+            .out
             .clone()
-            .unwrap_or_else(|| crate::eval::common::default_out_dir(kind))
+            .unwrap_or_else(|| crate::eval::common::default_out_dir(kind));
+        crate::eval::runlog::check_out_folder(&dir)?;
+        Ok(dir)
+    }
+
+    /// Refuses (unless `--force`) a run whose longest input would not fit in memory.
+    pub fn check_memory(
+        &self,
+        model: &LoadedModel,
+        methods: &[crate::eval::Method],
+        longest: usize,
+        logits_rows: usize,
+        what: &str,
+    ) -> Result<()> {
+        let decimating = methods.iter().any(|m| m.decimation.is_some());
+        check_memory(
+            &model.model,
+            longest,
+            decimating,
+            logits_rows,
+            self.model.force,
+            &format!("{what} of {longest} tokens"),
+        )
     }
 }
 

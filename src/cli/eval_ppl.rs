@@ -76,6 +76,7 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         strip_gutenberg: !args.keep_gutenberg_boilerplate,
         skip_invalid: args.skip_invalid,
     };
+    let out = args.run.out_dir("ppl")?;
     let mut data = load_documents(&files_in, &opts)?;
     for w in &data.warnings {
         eprintln!("warning: {w}");
@@ -83,13 +84,32 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
     if let Some(n) = args.max_docs {
         data.documents.truncate(n);
     }
-    let model = args.run.model.load()?;
+    let mut model = args.run.model.load()?;
     let methods = args.run.methods(&model)?;
     let docs = tokenize_documents(&model, &data.documents, args.run.quiet)?;
-    let out = args.run.out_dir("ppl");
+    // Only lengths some document reaches are run.
+    let longest_doc = docs.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
+    let longest = settings
+        .lengths
+        .iter()
+        .copied()
+        .filter(|&l| l <= longest_doc)
+        .max()
+        .unwrap_or(0);
+    if longest > 0 {
+        args.run.check_memory(
+            &model,
+            &methods,
+            longest,
+            settings.pred_len + 1,
+            "a perplexity window",
+        )?;
+    }
+    let stop = install_interrupt_flag();
+    model.model.set_cancel_flag(Some(stop.clone()));
     let options = RunOptions {
         quiet: args.run.quiet,
-        stop: Some(install_interrupt_flag()),
+        stop: Some(stop),
     };
     let job = PplJob {
         model: &model,

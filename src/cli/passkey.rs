@@ -48,7 +48,8 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         seed: args.seed,
         max_new_tokens: args.max_new_tokens,
     };
-    let model = args.run.model.load()?;
+    let out = args.run.out_dir("passkey")?;
+    let mut model = args.run.model.load()?;
     let template = resolve_template(
         args.template.as_deref(),
         model.passkey_template().as_deref(),
@@ -59,10 +60,14 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         model.haystack().as_deref(),
     )?;
     let methods = args.run.methods(&model)?;
-    let out = args.run.out_dir("passkey");
+    let longest = settings.lengths.iter().copied().max().unwrap_or(0);
+    args.run
+        .check_memory(&model, &methods, longest, 1, "a passkey prompt")?;
+    let stop = install_interrupt_flag();
+    model.model.set_cancel_flag(Some(stop.clone()));
     let options = RunOptions {
         quiet: args.run.quiet,
-        stop: Some(install_interrupt_flag()),
+        stop: Some(stop),
     };
     let job = PasskeyJob {
         model: &model,
@@ -74,6 +79,13 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         options: &options,
     };
     let report = run_passkey(&job)?;
+    if !report.complete {
+        super::output::println(if methods.len() > 1 {
+            "partial run: only the samples every method finished are counted"
+        } else {
+            "partial run: only the finished samples are counted"
+        })?;
+    }
     super::output::print(&report.grid.table())?;
     super::common::finish_run(
         report.complete,
