@@ -244,7 +244,8 @@ fn named_config(name: &str, model: &ModelDefaults) -> Result<DecimationConfig> {
             }
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read decimation config {path}"))?;
-            DecimationConfig::from_json_str(&text).with_context(|| format!("in {path}"))
+            DecimationConfig::from_json_str(crate::eval::common::strip_bom(&text))
+                .with_context(|| format!("in {path}"))
         }
     }
 }

@@ -174,7 +174,7 @@ pub fn load_documents(files: &[PathBuf], opts: &DataOptions) -> Result<LoadedDat
         }
         let bytes = read_bytes(f)?;
         let text = match String::from_utf8(bytes) {
-            Ok(t) => t,
+            Ok(t) => super::common::strip_bom(&t).to_string(),
             Err(e) => {
                 let msg = format!(
                     "{} is not valid UTF-8 (invalid byte at offset {})",
