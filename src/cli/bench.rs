@@ -1,8 +1,10 @@
 //! `decimamba bench`.
 
 use super::common::{DecimationArgs, ModelArgs};
+use super::output::println;
 use crate::bench::{self, BenchReport};
 use crate::decimation::ModelDefaults;
+use crate::eval::common::parse_lengths;
 use crate::loader::{parse_device, parse_dtype};
 use crate::model::MambaConfig;
 use anyhow::{bail, Context, Result};
@@ -13,7 +15,7 @@ pub struct BenchArgs {
     /// Random weights of a public Mamba shape instead of a checkpoint: 130m, 370m, 790m, 1.4b, 2.8b.
     #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
-    /// Prompt lengths to prefill (k = 1024).
+    /// Prompt lengths to prefill, run shortest first (k = 1024).
     #[arg(long, default_value = "512,2048,8192")]
     pub lengths: String,
     /// Decode steps to time (0 = skip).
@@ -34,32 +36,11 @@ pub struct BenchArgs {
     pub decimation: DecimationArgs,
 }
 
-/// Parses "512,2k,8K" (k = 1024).
-pub fn parse_lengths(spec: &str) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let lower = part.to_ascii_lowercase();
-        let (num, mult) = match lower.strip_suffix('k') {
-            Some(n) => (n, 1024),
-            None => (lower.as_str(), 1),
-        };
-        let n: usize = num
-            .trim()
-            .parse()
-            .with_context(|| format!("bad length \"{part}\""))?;
-        if n == 0 {
-            bail!("lengths must be positive, got \"{part}\"");
-        }
-        out.push(n * mult);
-    }
-    if out.is_empty() {
-        bail!("no lengths given");
-    }
-    Ok(out)
-}
-
 pub fn run(args: BenchArgs) -> Result<()> {
     super::common::apply_threads(args.model_args.threads)?;
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
     let lengths = parse_lengths(&args.lengths)?;
     let device = parse_device(&args.model_args.device)?;
     let dtype = parse_dtype(&args.model_args.dtype)?;
@@ -95,8 +76,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "model {} | {} | {dtype:?} | {threads} threads",
-        defaults.name, args.model_args.device
+        "model {} | {} | {dtype:?} | {threads} thread{}",
+        defaults.name,
+        args.model_args.device,
+        if threads == 1 { "" } else { "s" }
     );
     // Warm-up: page in weights and spin up the thread pool.
     bench::time_prefill(&model, 64, None, 1)?;
@@ -111,25 +94,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         decimation: decimation.clone(),
         decode: None,
     };
-    println!(
+    println(&format!(
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
-    );
+    ))?;
     crate::model::take_gpu_profile();
     for &len in &lengths {
         let r = bench::time_prefill(&model, len, None, args.repeats)?;
         print_gpu_profile(&format!("{len} tokens"));
-        println!(
+        println(&format!(
             "{len:>8}  {:>10.3}  {:>12.1}  {:>10.0}",
             r.s,
             r.tok_per_s,
             r.peak_rss_mib.unwrap_or(f64::NAN)
-        );
+        ))?;
         report.prefill.insert(len, r);
         if let Some(d) = &decimation {
             let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
             let base = report.prefill[&len].s;
-            println!(
+            println(&format!(
                 "{:>8}  {:>10.3}  {:>12.1}  {:>10.0}  decimated {:?} ({:.2}x vanilla)",
                 len,
                 r.s,
@@ -137,17 +120,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 r.peak_rss_mib.unwrap_or(f64::NAN),
                 r.kept_per_layer,
                 base / r.s
-            );
+            ))?;
             print_gpu_profile(&format!("{len} tokens, decimated"));
             report.prefill_decimated.insert(len, r);
         }
     }
     if args.decode > 0 {
         let d = bench::time_decode(&model, 128, args.decode)?;
-        println!(
+        println(&format!(
             "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s",
             d.new_tokens, d.s, d.tok_per_s
-        );
+        ))?;
         report.decode = Some(d);
     }
     if let Some(path) = &args.json {
