@@ -4,11 +4,12 @@ use super::common::{DecimationArgs, ModelArgs};
 use super::output::println;
 use crate::bench::{self, BenchReport};
 use crate::decimation::ModelDefaults;
-use crate::eval::common::parse_lengths;
+use crate::eval::common::{atomic_write_json, parse_lengths, temp_sibling};
 use crate::loader::{parse_device, parse_dtype};
 use crate::model::MambaConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -42,6 +43,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--repeats must be at least 1");
     }
     let lengths = parse_lengths(&args.lengths)?;
+    if let Some(path) = &args.json {
+        check_writable(path)?;
+    }
     let device = parse_device(&args.model_args.device)?;
     let dtype = parse_dtype(&args.model_args.dtype)?;
     let (model, defaults) = match &args.shape {
@@ -94,6 +98,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         decimation: decimation.clone(),
         decode: None,
     };
+    // Each finished measurement is saved at once (atomically), so a closed stdout, an
+    // interrupt or a later failure keeps what is done.
+    let save = |report: &BenchReport| match &args.json {
+        Some(path) => atomic_write_json(path, report),
+        None => Ok(()),
+    };
     println(&format!(
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
@@ -109,6 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.peak_rss_mib.unwrap_or(f64::NAN)
         ))?;
         report.prefill.insert(len, r);
+        save(&report)?;
         if let Some(d) = &decimation {
             let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
             let base = report.prefill[&len].s;
@@ -123,6 +134,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ))?;
             print_gpu_profile(&format!("{len} tokens, decimated"));
             report.prefill_decimated.insert(len, r);
+            save(&report)?;
         }
     }
     if args.decode > 0 {
@@ -132,11 +144,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
             d.new_tokens, d.s, d.tok_per_s
         ))?;
         report.decode = Some(d);
+        save(&report)?;
     }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Fails with one line naming `path` unless a report can be written there: it is not a
+/// folder, its folder exists, and a temporary file beside it can be created (and is
+/// removed again). Checked before the model is built, so a typo costs no benchmark.
+fn check_writable(path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        bail!("--json {shown} is a folder, not a file");
     }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "cannot write --json {shown}: folder {} does not exist",
+            parent.display()
+        );
+    }
+    let tmp = temp_sibling(path);
+    std::fs::File::create(&tmp).with_context(|| format!("cannot write --json {shown}"))?;
+    std::fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     Ok(())
 }
 
