@@ -2,7 +2,7 @@
 
 use super::common::{DecimationArgs, ModelArgs};
 use super::output::println;
-use crate::bench::{self, BenchReport};
+use crate::bench::{self, BenchReport, PeakRss};
 use crate::decimation::ModelDefaults;
 use crate::eval::common::{atomic_write_json, parse_lengths, temp_sibling};
 use crate::loader::{parse_device, parse_dtype};
@@ -87,12 +87,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     // Warm-up: page in weights and spin up the thread pool.
     bench::time_prefill(&model, 64, None, 1)?;
+    let peak_rss = peak_rss_scope();
     let mut report = BenchReport {
         implementation: "decimamba".into(),
         model: defaults.name.clone(),
         dtype: format!("{dtype:?}").to_lowercase(),
         device: args.model_args.device.clone(),
         threads,
+        peak_rss,
         prefill: BTreeMap::new(),
         prefill_decimated: BTreeMap::new(),
         decimation: decimation.clone(),
@@ -113,26 +115,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let r = bench::time_prefill(&model, len, None, args.repeats)?;
         print_gpu_profile(&format!("{len} tokens"));
         println(&format!(
-            "{len:>8}  {:>10.3}  {:>12.1}  {:>10.0}",
+            "{len:>8}  {:>10.3}  {:>12.1}  {:>10}",
             r.s,
             r.tok_per_s,
-            r.peak_rss_mib.unwrap_or(f64::NAN)
+            mib(r.peak_rss_mib)
         ))?;
+        note_scope(&mut report, r.peak_rss);
         report.prefill.insert(len, r);
         save(&report)?;
         if let Some(d) = &decimation {
             let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
             let base = report.prefill[&len].s;
             println(&format!(
-                "{:>8}  {:>10.3}  {:>12.1}  {:>10.0}  decimated {:?} ({:.2}x vanilla)",
+                "{:>8}  {:>10.3}  {:>12.1}  {:>10}  decimated {:?} ({:.2}x vanilla)",
                 len,
                 r.s,
                 r.tok_per_s,
-                r.peak_rss_mib.unwrap_or(f64::NAN),
+                mib(r.peak_rss_mib),
                 r.kept_per_layer,
                 base / r.s
             ))?;
             print_gpu_profile(&format!("{len} tokens, decimated"));
+            note_scope(&mut report, r.peak_rss);
             report.prefill_decimated.insert(len, r);
             save(&report)?;
         }
@@ -171,6 +175,35 @@ fn check_writable(path: &Path) -> Result<()> {
     std::fs::File::create(&tmp).with_context(|| format!("cannot write --json {shown}"))?;
     std::fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     Ok(())
+}
+
+/// What the "peak MiB" column will cover; a stderr note when it is not each length's own.
+fn peak_rss_scope() -> PeakRss {
+    if bench::peak_rss_mib().is_none() {
+        eprintln!("note: peak memory is not measured on this platform");
+        return PeakRss::Unavailable;
+    }
+    match bench::reset_peak_rss() {
+        Ok(()) => PeakRss::PerLength,
+        Err(e) => {
+            eprintln!(
+                "note: cannot reset the peak-memory counter (/proc/self/clear_refs: {e}); \
+                 peak MiB is the process peak, which includes earlier, larger lengths"
+            );
+            PeakRss::Process
+        }
+    }
+}
+
+/// The report's `peak_rss` is the weakest scope of any measurement in it.
+fn note_scope(report: &mut BenchReport, scope: PeakRss) {
+    if scope != PeakRss::PerLength && report.peak_rss == PeakRss::PerLength {
+        report.peak_rss = scope;
+    }
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |m| format!("{m:.0}"))
 }
 
 /// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1).
