@@ -133,17 +133,56 @@ impl Normal {
     }
 }
 
-/// Peak resident memory since the last [`reset_peak_rss`], in MiB (Linux; `None` elsewhere).
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The kilobytes on the `VmHWM:` line of a `/proc/<pid>/status` text (the peak resident
+/// set size since the process started or since the last reset of it).
+pub fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    let mut fields = line["VmHWM:".len()..].split_whitespace();
+    let kb = fields.next()?.parse().ok()?;
+    match fields.next() {
+        None | Some("kB") => Some(kb),
+        Some(_) => None,
+    }
 }
 
-/// Resets the peak-RSS counter (Linux: writing 5 to /proc/self/clear_refs).
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// Peak resident memory in MiB since the last successful [`reset_peak_rss`], else since the
+/// process started (Linux; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    Some(parse_vm_hwm_kib(&status)? as f64 / 1024.0)
+}
+
+/// Resets the peak-RSS counter to the current resident size (Linux: writing 5 to
+/// /proc/self/clear_refs, see proc(5)). The error says why it could not (not Linux, no
+/// permission, an old kernel); the peak then stays the process peak.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
+/// What a reported peak resident size covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeakRss {
+    /// The peak of this measurement alone: the counter was reset before it.
+    PerLength,
+    /// The process peak so far (the counter could not be reset), so it includes every
+    /// earlier, possibly larger, measurement.
+    Process,
+    /// No peak is measured on this platform.
+    Unavailable,
+}
+
+impl PeakRss {
+    /// Resets the counter and says what the next [`peak_rss_mib`] will cover.
+    pub fn reset() -> Self {
+        if peak_rss_mib().is_none() {
+            PeakRss::Unavailable
+        } else if reset_peak_rss().is_ok() {
+            PeakRss::PerLength
+        } else {
+            PeakRss::Process
+        }
+    }
 }
 
 /// One prefill measurement.
@@ -156,6 +195,9 @@ pub struct PrefillResult {
     pub runs_s: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// What `peak_rss_mib` covers (the report states it once, as `peak_rss`).
+    #[serde(skip)]
+    pub peak_rss: PeakRss,
     /// Sequence length leaving each decimating layer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_per_layer: Vec<usize>,
@@ -170,6 +212,9 @@ pub struct BenchReport {
     pub dtype: String,
     pub device: String,
     pub threads: usize,
+    /// What each `peak_rss_mib` covers: "per-length" (that measurement alone) or
+    /// "process" (the process peak so far: it grows with earlier, larger lengths).
+    pub peak_rss: PeakRss,
     pub prefill: BTreeMap<usize, PrefillResult>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub prefill_decimated: BTreeMap<usize, PrefillResult>,
@@ -200,7 +245,8 @@ fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Times `repeats` prefills of `len` random tokens; reports the median (the anchors'
-/// statistic, ../shared/bench) and every run.
+/// statistic, ../shared/bench), every run, and the peak resident memory of these runs
+/// (see [`PeakRss`] for what it covers).
 pub fn time_prefill(
     model: &MambaModel,
     len: usize,
@@ -217,7 +263,7 @@ pub fn time_prefill(
     };
     let mut runs = Vec::new();
     let mut kept = Vec::new();
-    reset_peak_rss();
+    let scope = PeakRss::reset();
     for _ in 0..repeats.max(1) {
         let mut state = model.new_state(1);
         let start = Instant::now();
@@ -233,6 +279,7 @@ pub fn time_prefill(
         tok_per_s: len as f64 / s,
         runs_s: runs,
         peak_rss_mib: peak_rss_mib(),
+        peak_rss: scope,
         kept_per_layer: kept,
     })
 }
@@ -284,7 +331,18 @@ pub fn time_decode(
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, parse_vm_hwm_kib};
+
+    #[test]
+    fn vm_hwm_is_read_from_proc_status() {
+        let status = "Name:\tdecimamba\nVmPeak:\t  999999 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm_kib(status), Some(123_456));
+        assert_eq!(parse_vm_hwm_kib("VmHWM: 42"), Some(42));
+        assert_eq!(parse_vm_hwm_kib("VmRSS:\t 5 kB\n"), None);
+        assert_eq!(parse_vm_hwm_kib("VmHWM:\t lots kB\n"), None);
+        assert_eq!(parse_vm_hwm_kib("VmHWM:\t 5 MB\n"), None);
+        assert_eq!(parse_vm_hwm_kib(""), None);
+    }
 
     #[test]
     fn median_of_odd_and_even_samples() {

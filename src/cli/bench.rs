@@ -1,19 +1,22 @@
 //! `decimamba bench`.
 
 use super::common::{DecimationArgs, ModelArgs};
-use crate::bench::{self, BenchReport};
+use super::output::println;
+use crate::bench::{self, BenchReport, PeakRss};
 use crate::decimation::ModelDefaults;
+use crate::eval::common::{atomic_write_json, parse_lengths, temp_sibling};
 use crate::loader::{parse_device, parse_dtype};
 use crate::model::MambaConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Random weights of a public Mamba shape instead of a checkpoint: 130m, 370m, 790m, 1.4b, 2.8b.
     #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
-    /// Prompt lengths to prefill (k = 1024).
+    /// Prompt lengths to prefill, run shortest first (k = 1024).
     #[arg(long, default_value = "512,2048,8192")]
     pub lengths: String,
     /// Decode steps to time (0 = skip).
@@ -34,33 +37,15 @@ pub struct BenchArgs {
     pub decimation: DecimationArgs,
 }
 
-/// Parses "512,2k,8K" (k = 1024).
-pub fn parse_lengths(spec: &str) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let lower = part.to_ascii_lowercase();
-        let (num, mult) = match lower.strip_suffix('k') {
-            Some(n) => (n, 1024),
-            None => (lower.as_str(), 1),
-        };
-        let n: usize = num
-            .trim()
-            .parse()
-            .with_context(|| format!("bad length \"{part}\""))?;
-        if n == 0 {
-            bail!("lengths must be positive, got \"{part}\"");
-        }
-        out.push(n * mult);
-    }
-    if out.is_empty() {
-        bail!("no lengths given");
-    }
-    Ok(out)
-}
-
 pub fn run(args: BenchArgs) -> Result<()> {
     super::common::apply_threads(args.model_args.threads)?;
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
     let lengths = parse_lengths(&args.lengths)?;
+    if let Some(path) = &args.json {
+        check_writable(path)?;
+    }
     let device = parse_device(&args.model_args.device)?;
     let dtype = parse_dtype(&args.model_args.dtype)?;
     let (model, defaults) = match &args.shape {
@@ -95,66 +80,130 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "model {} | {} | {dtype:?} | {threads} threads",
-        defaults.name, args.model_args.device
+        "model {} | {} | {dtype:?} | {threads} thread{}",
+        defaults.name,
+        args.model_args.device,
+        if threads == 1 { "" } else { "s" }
     );
     // Warm-up: page in weights and spin up the thread pool.
     bench::time_prefill(&model, 64, None, 1)?;
+    let peak_rss = peak_rss_scope();
     let mut report = BenchReport {
         implementation: "decimamba".into(),
         model: defaults.name.clone(),
         dtype: format!("{dtype:?}").to_lowercase(),
         device: args.model_args.device.clone(),
         threads,
+        peak_rss,
         prefill: BTreeMap::new(),
         prefill_decimated: BTreeMap::new(),
         decimation: decimation.clone(),
         decode: None,
     };
-    println!(
+    // Each finished measurement is saved at once (atomically), so a closed stdout, an
+    // interrupt or a later failure keeps what is done.
+    let save = |report: &BenchReport| match &args.json {
+        Some(path) => atomic_write_json(path, report),
+        None => Ok(()),
+    };
+    println(&format!(
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
-    );
+    ))?;
     crate::model::take_gpu_profile();
     for &len in &lengths {
         let r = bench::time_prefill(&model, len, None, args.repeats)?;
         print_gpu_profile(&format!("{len} tokens"));
-        println!(
-            "{len:>8}  {:>10.3}  {:>12.1}  {:>10.0}",
+        println(&format!(
+            "{len:>8}  {:>10.3}  {:>12.1}  {:>10}",
             r.s,
             r.tok_per_s,
-            r.peak_rss_mib.unwrap_or(f64::NAN)
-        );
+            mib(r.peak_rss_mib)
+        ))?;
+        note_scope(&mut report, r.peak_rss);
         report.prefill.insert(len, r);
+        save(&report)?;
         if let Some(d) = &decimation {
             let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
             let base = report.prefill[&len].s;
-            println!(
-                "{:>8}  {:>10.3}  {:>12.1}  {:>10.0}  decimated {:?} ({:.2}x vanilla)",
+            println(&format!(
+                "{:>8}  {:>10.3}  {:>12.1}  {:>10}  decimated {:?} ({:.2}x vanilla)",
                 len,
                 r.s,
                 r.tok_per_s,
-                r.peak_rss_mib.unwrap_or(f64::NAN),
+                mib(r.peak_rss_mib),
                 r.kept_per_layer,
                 base / r.s
-            );
+            ))?;
             print_gpu_profile(&format!("{len} tokens, decimated"));
+            note_scope(&mut report, r.peak_rss);
             report.prefill_decimated.insert(len, r);
+            save(&report)?;
         }
     }
     if args.decode > 0 {
         let d = bench::time_decode(&model, 128, args.decode)?;
-        println!(
+        println(&format!(
             "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s",
             d.new_tokens, d.s, d.tok_per_s
-        );
+        ))?;
         report.decode = Some(d);
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        save(&report)?;
     }
     Ok(())
+}
+
+/// Fails with one line naming `path` unless a report can be written there: it is not a
+/// folder, its folder exists, and a temporary file beside it can be created (and is
+/// removed again). Checked before the model is built, so a typo costs no benchmark.
+fn check_writable(path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        bail!("--json {shown} is a folder, not a file");
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "cannot write --json {shown}: folder {} does not exist",
+            parent.display()
+        );
+    }
+    let tmp = temp_sibling(path);
+    std::fs::File::create(&tmp).with_context(|| format!("cannot write --json {shown}"))?;
+    std::fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    Ok(())
+}
+
+/// What the "peak MiB" column will cover; a stderr note when it is not each length's own.
+fn peak_rss_scope() -> PeakRss {
+    if bench::peak_rss_mib().is_none() {
+        eprintln!("note: peak memory is not measured on this platform");
+        return PeakRss::Unavailable;
+    }
+    match bench::reset_peak_rss() {
+        Ok(()) => PeakRss::PerLength,
+        Err(e) => {
+            eprintln!(
+                "note: cannot reset the peak-memory counter (/proc/self/clear_refs: {e}); \
+                 peak MiB is the process peak, which includes earlier, larger lengths"
+            );
+            PeakRss::Process
+        }
+    }
+}
+
+/// The report's `peak_rss` is the weakest scope of any measurement in it.
+fn note_scope(report: &mut BenchReport, scope: PeakRss) {
+    if scope != PeakRss::PerLength && report.peak_rss == PeakRss::PerLength {
+        report.peak_rss = scope;
+    }
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |m| format!("{m:.0}"))
 }
 
 /// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1).
