@@ -44,7 +44,10 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line: {err}");
     assert_eq!(
-        err.trim().lines().count(),
+        err.trim()
+            .lines()
+            .filter(|l| !l.starts_with("warning:"))
+            .count(),
         1,
         "error spans several lines: {err}"
     );

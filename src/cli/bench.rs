@@ -78,6 +78,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         crate::decimation::resolve_args(&args.decimation, &defaults)?
     };
+    if let Some(&longest) = lengths.iter().max() {
+        super::common::check_memory(
+            &model,
+            longest,
+            decimation.is_some(),
+            1,
+            args.model_args.force,
+            &format!("a bench prefill of {longest} tokens"),
+        )?;
+    }
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
         "model {} | {} | {dtype:?} | {threads} thread{}",
