@@ -384,3 +384,24 @@ fn a_byte_order_mark_is_stripped_from_data_files() {
     };
     assert_eq!(ppl(&plain, "p"), ppl(&bom, "b"));
 }
+
+/// Once the cancel flag is set, a forward pass stops between layers with `Interrupted`
+/// (a long prefill does not run to its end after Ctrl-C); cleared, it runs again.
+#[test]
+fn a_set_cancel_flag_stops_the_forward_pass() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let files =
+        decimamba::loader::files_from_dir(Path::new(&fixture("models/tiny-rms-hf"))).unwrap();
+    let mut model =
+        decimamba::loader::load_model(&files, &candle_core::Device::Cpu, candle_core::DType::F32)
+            .unwrap();
+    let flag = Arc::new(AtomicBool::new(true));
+    model.set_cancel_flag(Some(flag.clone()));
+    let ids = candle_core::Tensor::from_slice(&[1u32, 2, 3, 4], (1, 4), &candle_core::Device::Cpu)
+        .unwrap();
+    let e = model.forward(&ids).unwrap_err();
+    assert!(e.is::<decimamba::model::Interrupted>(), "{e:#}");
+    flag.store(false, Ordering::SeqCst);
+    assert_eq!(model.forward(&ids).unwrap().dims(), &[1, 4, 96]);
+}

@@ -300,7 +300,9 @@ fn fixture_texts_load_strip_and_fail_clearly() {
         },
     )
     .unwrap();
-    assert_eq!(kept.documents[0].text, raw);
+    // The file starts with a byte-order mark, as Gutenberg's do; it is not text.
+    assert!(raw.starts_with('\u{feff}'));
+    assert_eq!(kept.documents[0].text, raw.trim_start_matches('\u{feff}'));
 
     if let Some(books) = fixture("books.jsonl") {
         let l = load_documents(&[books], &opts).unwrap();
@@ -349,4 +351,82 @@ fn fixture_texts_load_strip_and_fail_clearly() {
     let report = run(&model, &docs, &s, &[Method::vanilla()], dir.path()).unwrap();
     assert!(report.complete);
     assert!(report.perplexity("vanilla", 1024).is_some());
+}
+
+/// Ctrl-C after three windows of a --compare run leaves vanilla one window ahead; the
+/// partial table compares both on the window both finished.
+#[test]
+fn a_partial_table_counts_only_windows_every_method_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = vec![doc("a", 2000)];
+    let s = PplSettings {
+        lengths: vec![100],
+        windows: 5,
+        pred_len: 10,
+    };
+    let methods = Method::compare(deci());
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let model = FakeModel {
+        stop_after: Some((3, flag.clone())),
+        ..FakeModel::new()
+    };
+    let report = run_ppl(&PplJob {
+        model: &model,
+        docs: &docs,
+        settings: &s,
+        methods: &methods,
+        out_dir: dir.path(),
+        options: &RunOptions {
+            quiet: true,
+            stop: Some(flag),
+        },
+    })
+    .unwrap();
+    assert!(!report.complete);
+    assert_eq!(report.windows.len(), 3, "every finished window is kept");
+    for r in &report.rows {
+        assert_eq!(r.windows, 1, "{r:?}");
+    }
+    assert_eq!(report.coverage[0].windows, 1);
+    let nll = |m: &str| report.rows.iter().find(|r| r.method == m).unwrap().mean_nll;
+    let first = &docs[0].tokens[..100];
+    assert_eq!(
+        nll("vanilla"),
+        Some(f64::from(FakeModel::nll_of(first, false)))
+    );
+    assert!(report
+        .table()
+        .starts_with("partial run: only the windows every method finished"));
+}
+
+/// A Ctrl-C that cuts a prefill short is an interruption, not a failure: the run stops
+/// with what it finished, and a rerun resumes.
+#[test]
+fn a_prefill_cut_short_by_ctrl_c_ends_the_run_resumably() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = vec![doc("a", 2000)];
+    let s = settings();
+    let methods = vec![Method::vanilla()];
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let model = FakeModel {
+        interrupt_at: Some((4, flag.clone())),
+        ..FakeModel::new()
+    };
+    let report = run_ppl(&PplJob {
+        model: &model,
+        docs: &docs,
+        settings: &s,
+        methods: &methods,
+        out_dir: dir.path(),
+        options: &RunOptions {
+            quiet: true,
+            stop: Some(flag),
+        },
+    })
+    .unwrap();
+    assert!(!report.complete);
+    assert_eq!(read_jsonl(&dir.path().join(RESULTS_JSONL)).len(), 4);
+    let again = run(&FakeModel::new(), &docs, &s, &methods, dir.path()).unwrap();
+    assert!(again.complete);
+    assert_eq!(again.resumed, 4);
 }

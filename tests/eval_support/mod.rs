@@ -21,6 +21,9 @@ pub struct FakeModel {
     pub fail_after: Option<usize>,
     /// Set this flag (like Ctrl-C) after this many calls.
     pub stop_after: Option<(usize, Arc<AtomicBool>)>,
+    /// On the call after this many, set the flag and fail as a prefill cut short by
+    /// Ctrl-C does (the real model errs with `Interrupted`).
+    pub interrupt_at: Option<(usize, Arc<AtomicBool>)>,
     /// Calls made so far.
     pub calls: Cell<usize>,
     /// (prompt length, decimated?) of every generate/score call.
@@ -38,6 +41,12 @@ impl FakeModel {
 
     fn tick(&self, len: usize, decimated: bool) -> Result<()> {
         let n = self.calls.get();
+        if let Some((k, flag)) = &self.interrupt_at {
+            if n >= *k {
+                flag.store(true, Ordering::SeqCst);
+                return Err(decimamba::model::Interrupted.into());
+            }
+        }
         if let Some(k) = self.fail_after {
             if n >= k {
                 bail!("fake model failure after {k} calls");
