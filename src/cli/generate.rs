@@ -104,6 +104,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         repeat_last_n: args.repeat_last_n,
         seed: args.seed,
         prefill_chunk: args.prefill_chunk,
+        vocab_size: Some(loaded.tokenizer.get_vocab_size(true)),
     };
     let mut stream = loaded.tokenizer.decode_stream(false);
     let mut stdout = std::io::stdout().lock();
