@@ -4,7 +4,7 @@
 use crate::decimation::DecimationConfig;
 use crate::model::{DecimationTrace, ForwardOptions, LogitsSpan, MambaModel};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
 
@@ -24,6 +24,9 @@ pub struct GenerateParams {
     /// bounded by the chunk however long the prompt. Not combinable with decimation, which
     /// needs Δ of the whole sequence at once.
     pub prefill_chunk: Option<usize>,
+    /// The tokenizer's vocabulary size: logits at ids at or above it (the rows the
+    /// checkpoint pads its embedding with) are never chosen. `None` masks nothing.
+    pub vocab_size: Option<usize>,
 }
 
 impl GenerateParams {
@@ -37,7 +40,14 @@ impl GenerateParams {
             repeat_last_n: 64,
             seed: 299792458,
             prefill_chunk: None,
+            vocab_size: None,
         }
+    }
+
+    /// Checks the settings (ranges of temperature, top-k, top-p, penalty) without
+    /// generating anything; generation runs the same checks.
+    pub fn validate(&self) -> Result<()> {
+        self.sampling().map(|_| ())
     }
 
     fn sampling(&self) -> Result<Sampling> {
@@ -51,6 +61,9 @@ impl GenerateParams {
         }
         if self.top_k == Some(0) {
             bail!("top-k must be at least 1");
+        }
+        if self.vocab_size == Some(0) {
+            bail!("the vocabulary size must be at least 1");
         }
         if self.repeat_penalty.is_nan() || self.repeat_penalty <= 0.0 {
             bail!(
@@ -70,6 +83,43 @@ impl GenerateParams {
             }
         })
     }
+}
+
+/// `logits` (one row of scores, `[vocab]`) with every id at or above `vocab_size` set to
+/// -inf, so neither argmax nor sampling can pick it; unchanged when `vocab_size` is `None`
+/// or covers every logit.
+pub(crate) fn mask_vocab(logits: &Tensor, vocab_size: Option<usize>) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    match vocab_size {
+        Some(v) if v < n => {
+            let logits = logits.to_dtype(DType::F32)?;
+            let tail = Tensor::full(f32::NEG_INFINITY, n - v, logits.device())?;
+            Ok(Tensor::cat(&[&logits.narrow(0, 0, v)?, &tail], 0)?)
+        }
+        _ => Ok(logits.clone()),
+    }
+}
+
+/// Picks the next token from `logits`: masks the ids past the vocabulary, applies the
+/// repetition penalty over the last `repeat_last_n` tokens of `context`, then samples.
+fn choose_next(
+    processor: &mut LogitsProcessor,
+    logits: &Tensor,
+    params: &GenerateParams,
+    context: &[u32],
+) -> Result<u32> {
+    let masked = mask_vocab(logits, params.vocab_size)?;
+    let penalised = if params.repeat_penalty != 1.0 {
+        let from = context.len().saturating_sub(params.repeat_last_n);
+        candle_transformers::utils::apply_repeat_penalty(
+            &masked,
+            params.repeat_penalty,
+            &context[from..],
+        )?
+    } else {
+        masked
+    };
+    Ok(processor.sample(&penalised)?)
 }
 
 /// What a generation produced.
@@ -143,17 +193,7 @@ pub fn generate_traced(
     let decode_start = Instant::now();
     let mut decode_steps = 0;
     while tokens.len() < params.max_new_tokens {
-        let penalised = if params.repeat_penalty != 1.0 {
-            let from = context.len().saturating_sub(params.repeat_last_n);
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                params.repeat_penalty,
-                &context[from..],
-            )?
-        } else {
-            logits.clone()
-        };
-        let next = processor.sample(&penalised)?;
+        let next = choose_next(&mut processor, &logits, params, &context)?;
         if Some(next) == eos {
             stopped_at_eos = true;
             break;
@@ -176,4 +216,90 @@ pub fn generate_traced(
         stopped_at_eos,
         trace,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Five logits whose largest sits in the padded tail (ids 3 and 4).
+    fn padded_logits() -> Tensor {
+        Tensor::new(&[1.0f32, 2.0, 3.0, 50.0, 40.0], &Device::Cpu).unwrap()
+    }
+
+    fn params(temperature: f64, vocab_size: Option<usize>) -> GenerateParams {
+        GenerateParams {
+            temperature,
+            vocab_size,
+            ..GenerateParams::greedy()
+        }
+    }
+
+    #[test]
+    fn mask_sets_the_padded_tail_to_minus_infinity() {
+        let m = mask_vocab(&padded_logits(), Some(3)).unwrap();
+        let v: Vec<f32> = m.to_vec1().unwrap();
+        assert_eq!(&v[..3], &[1.0, 2.0, 3.0]);
+        assert!(v[3..].iter().all(|x| *x == f32::NEG_INFINITY), "{v:?}");
+        for vocab in [None, Some(5), Some(9)] {
+            let v: Vec<f32> = mask_vocab(&padded_logits(), vocab)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(v, vec![1.0, 2.0, 3.0, 50.0, 40.0]);
+        }
+    }
+
+    #[test]
+    fn greedy_never_picks_a_padded_id() {
+        let p = params(0.0, Some(3));
+        let mut proc = LogitsProcessor::from_sampling(p.seed, p.sampling().unwrap());
+        assert_eq!(
+            choose_next(&mut proc, &padded_logits(), &p, &[0]).unwrap(),
+            2
+        );
+        let unmasked = params(0.0, None);
+        assert_eq!(
+            choose_next(&mut proc, &padded_logits(), &unmasked, &[0]).unwrap(),
+            3
+        );
+    }
+
+    #[test]
+    fn sampling_never_picks_a_padded_id() {
+        let configs = [
+            (None, None, 1.0),
+            (Some(4), None, 1.0),
+            (None, Some(0.99), 1.0),
+            (Some(4), Some(0.99), 1.0),
+            (None, None, 1.3),
+        ];
+        for (top_k, top_p, repeat_penalty) in configs {
+            let p = GenerateParams {
+                top_k,
+                top_p,
+                repeat_penalty,
+                ..params(100.0, Some(3))
+            };
+            let mut proc = LogitsProcessor::from_sampling(7, p.sampling().unwrap());
+            let mut seen = [0usize; 5];
+            for _ in 0..300 {
+                let id = choose_next(&mut proc, &padded_logits(), &p, &[3, 4]).unwrap();
+                seen[id as usize] += 1;
+            }
+            assert_eq!(&seen[3..], &[0, 0], "{top_k:?} {top_p:?}: {seen:?}");
+            assert!(seen[..3].iter().all(|n| *n > 0), "{seen:?}");
+        }
+        // Without the mask, the same sampling does pick the tail.
+        let p = params(100.0, None);
+        let mut proc = LogitsProcessor::from_sampling(7, p.sampling().unwrap());
+        assert!((0..300).any(|_| choose_next(&mut proc, &padded_logits(), &p, &[]).unwrap() >= 3));
+    }
+
+    #[test]
+    fn a_zero_vocabulary_is_an_error() {
+        let err = params(0.0, Some(0)).sampling().unwrap_err();
+        assert!(err.to_string().contains("vocabulary size"), "{err}");
+    }
 }

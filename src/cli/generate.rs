@@ -1,9 +1,10 @@
 //! `decimamba generate`.
 
 use super::common::{DecimationArgs, ModelArgs};
+use super::output;
 use crate::generation::{self, GenerateParams};
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -12,26 +13,36 @@ pub struct GenerateArgs {
     /// Read the prompt from this file.
     #[arg(long, conflicts_with = "prompt")]
     pub prompt_file: Option<std::path::PathBuf>,
-    #[arg(long, short = 'n', default_value_t = 100)]
+    /// The most tokens to generate (fewer if the model emits end-of-text).
+    #[arg(
+        long,
+        short = 'n',
+        default_value_t = 100,
+        allow_negative_numbers = true
+    )]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy (the default).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
-    #[arg(long)]
+    /// Sample only among the K most likely tokens (needs --temperature).
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
     pub top_k: Option<usize>,
-    #[arg(long)]
+    /// Nucleus sampling: only among the most likely tokens whose probabilities sum to P,
+    /// in (0, 1] (needs --temperature).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Repetition penalty (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// Tokens of context the repetition penalty looks at.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub repeat_last_n: usize,
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
+    /// Sampling seed, to repeat a run exactly; default: a random one, printed on stderr.
+    #[arg(long, allow_negative_numbers = true)]
+    pub seed: Option<u64>,
     /// Prefill in chunks of N tokens with the state carried over: constant memory for very
     /// long prompts (vanilla only).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub prefill_chunk: Option<usize>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
@@ -48,21 +59,63 @@ pub struct GenerateArgs {
     pub decimation: DecimationArgs,
 }
 
+impl GenerateArgs {
+    /// Rejects flags that would otherwise be silently ignored, before the model loads.
+    fn check(&self) -> Result<()> {
+        if self.temperature == 0.0 {
+            let flags = match (self.top_k.is_some(), self.top_p.is_some()) {
+                (true, true) => Some("--top-k and --top-p need"),
+                (true, false) => Some("--top-k needs"),
+                (false, true) => Some("--top-p needs"),
+                (false, false) => None,
+            };
+            if let Some(flags) = flags {
+                bail!("{flags} --temperature (> 0): greedy decoding does not sample");
+            }
+        }
+        if self.kept_indices && !self.json {
+            bail!("--kept-indices is only reported in the --json output: add --json");
+        }
+        Ok(())
+    }
+
+    /// The seed to sample with, and whether it was drawn at random: `--seed`, else a
+    /// random one when sampling, else the fixed greedy seed (greedy never draws from it).
+    fn seed(&self) -> (u64, bool) {
+        match self.seed {
+            Some(seed) => (seed, false),
+            None if self.temperature > 0.0 => (rand::random(), true),
+            None => (GenerateParams::greedy().seed, false),
+        }
+    }
+}
+
 fn read_prompt(args: &GenerateArgs) -> Result<String> {
     let bytes = match (&args.prompt_file, args.prompt.as_deref()) {
         (Some(p), _) => {
             std::fs::read(p).with_context(|| format!("cannot read prompt file {}", p.display()))?
         }
-        (None, Some(p)) if p != "-" => return Ok(p.to_string()),
+        (None, Some(p)) if p != "-" => return Ok(strip_bom(p).to_string()),
         _ => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!("reading the prompt from stdin (end with Ctrl-D)…");
+            }
             let mut buf = Vec::new();
-            std::io::stdin()
+            stdin
+                .lock()
                 .read_to_end(&mut buf)
                 .context("cannot read the prompt from stdin")?;
             buf
         }
     };
-    String::from_utf8(bytes).context("the prompt is not valid UTF-8")
+    let text = String::from_utf8(bytes).context("the prompt is not valid UTF-8")?;
+    Ok(strip_bom(&text).to_string())
+}
+
+/// `text` without a leading UTF-8 byte-order mark (editors on Windows write one).
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// The per-layer length table (the paper's Fig. 2, right).
@@ -84,7 +137,20 @@ pub fn report_table(
     s
 }
 
+/// Returned by the token callback once the reader of stdout has gone: stops generating.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
+    args.check()?;
     let prompt = read_prompt(&args)?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -95,6 +161,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
+    let (seed, drawn) = args.seed();
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -102,11 +169,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         repeat_penalty: args.repeat_penalty,
         repeat_last_n: args.repeat_last_n,
-        seed: args.seed,
+        seed,
         prefill_chunk: args.prefill_chunk,
+        vocab_size: Some(loaded.tokenizer.get_vocab_size(true)),
     };
+    params.validate()?;
+    if drawn {
+        eprintln!("seed: {seed} (rerun with --seed {seed} to repeat)");
+    }
     let mut stream = loaded.tokenizer.decode_stream(false);
-    let mut stdout = std::io::stdout().lock();
     let json = args.json;
     let mut on_token = |id: u32| -> Result<()> {
         if !json {
@@ -114,13 +185,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .step(id)
                 .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?
             {
-                stdout.write_all(text.as_bytes())?;
-                stdout.flush()?;
+                output::print(&text)?;
+                if output::stdout_closed() {
+                    return Err(StdoutClosed.into());
+                }
             }
         }
         Ok(())
     };
-    let out = generation::generate_traced(
+    let out = match generation::generate_traced(
         &loaded.model,
         &ids,
         &params,
@@ -128,7 +201,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.kept_indices,
         loaded.eos_token_id(),
         &mut on_token,
-    )?;
+    ) {
+        Ok(out) => out,
+        // Nobody reads the text any more: stop quietly.
+        Err(e) if e.is::<StdoutClosed>() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     let prefill_tps = out.prompt_len as f64 / out.prefill_secs.max(1e-9);
     let decode_tps = if out.decode_steps > 0 {
         out.decode_steps as f64 / out.decode_secs.max(1e-9)
@@ -144,15 +222,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "tokens": out.tokens,
             "text": text,
             "stopped_at_eos": out.stopped_at_eos,
+            "seed": seed,
             "prefill_secs": out.prefill_secs,
             "prefill_tokens_per_sec": prefill_tps,
             "decode_tokens_per_sec": decode_tps,
             "decimation": decimation,
             "layers": if args.decimation_report || args.kept_indices { Some(&out.trace.layers) } else { None },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        output::println(&serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!();
+        output::println("")?;
     }
     if args.decimation_report {
         eprint!("{}", report_table(&out.trace, decimation.as_ref()));
