@@ -677,6 +677,8 @@ impl EvalModel for LoadedModel {
     ) -> Result<GreedyOutput> {
         let params = GenerateParams {
             max_new_tokens,
+            // Never an id of the padded embedding rows, which the tokenizer cannot decode.
+            vocab_size: Some(self.tokenizer.get_vocab_size(true)),
             ..GenerateParams::greedy()
         };
         let out = generation::generate(&self.model, prompt, &params, decimation, self.eos, |_| {

@@ -1,66 +1,11 @@
 //! End-to-end runs of the `decimamba` binary: generation, the hub cache path, the
 //! tokenizer, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli_support;
+use cli_support::*;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fixture(p: &str) -> String {
-    root().join("tests/fixtures").join(p).display().to_string()
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_decimamba"));
-    // Keep the user's cache and network out of tests.
-    c.env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// The command failed with exactly one "error: …" line containing `needle`, and no panic.
-fn assert_one_line_error(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line: {err}");
-    assert_eq!(
-        err.trim()
-            .lines()
-            .filter(|l| !l.starts_with("warning:"))
-            .count(),
-        1,
-        "error spans several lines: {err}"
-    );
-    assert!(
-        lines[0].contains(needle),
-        "error {:?} does not mention {needle:?}",
-        lines[0]
-    );
-}
-
-fn char_tokenizer() -> String {
-    fixture("tokenizers/char54.json")
-}
+use std::path::Path;
+use std::process::Output;
 
 #[test]
 fn generate_streams_text_and_json_agrees() {

@@ -1,30 +1,11 @@
 //! `decimamba bench` end to end: output errors, the JSON report, argument checks and what
 //! the peak-memory figure covers. Nothing here is timed: the runs are tiny.
 
-use std::path::{Path, PathBuf};
+mod cli_support;
+use cli_support::*;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fixture(p: &str) -> String {
-    root().join("tests/fixtures").join(p).display().to_string()
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_decimamba"));
-    // Keep the user's cache and network out of tests.
-    c.env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 /// `bench` on the tiny fixture model, then `extra`; `--lengths 16,32` and `--decode 2`
 /// unless `extra` sets them.

@@ -140,8 +140,14 @@ fn passkey_on_a_fixture_checkpoint_with_a_template_file() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     // (The fixture's padded embedding draws a warning line first.)
-    let error = err.lines().find(|l| !l.starts_with("warning:")).unwrap_or("");
-    assert!(error.starts_with("error:") && error.contains("seed"), "{err}");
+    let error = err
+        .lines()
+        .find(|l| !l.starts_with("warning:"))
+        .unwrap_or("");
+    assert!(
+        error.starts_with("error:") && error.contains("seed"),
+        "{err}"
+    );
 }
 
 #[test]

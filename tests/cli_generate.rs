@@ -1,65 +1,11 @@
 //! End-to-end runs of `decimamba generate`: flag checks, seeds, vocabulary masking, the
 //! prompt's byte-order mark and stdin hint, help text, and stdout that goes away.
 
+mod cli_support;
+use cli_support::*;
+
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fixture(p: &str) -> String {
-    root().join("tests/fixtures").join(p).display().to_string()
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_decimamba"));
-    // Keep the user's cache and network out of tests.
-    c.env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// The command failed with exactly one "error: …" line containing `needle`, and no panic.
-fn assert_one_line_error(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line: {err}");
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "error spans several lines: {err}"
-    );
-    assert!(
-        lines[0].contains(needle),
-        "error {:?} does not mention {needle:?}",
-        lines[0]
-    );
-    assert_eq!(o.status.code(), Some(1), "{err}");
-}
-
-fn char_tokenizer() -> String {
-    fixture("tokenizers/char54.json")
-}
 
 fn model() -> String {
     fixture("models/tiny-rms-hf")

@@ -1,56 +1,16 @@
 //! Runs that cannot silently mix results, output errors that are errors, feasibility
 //! guards and bounded flags, through the binary (issue: reliability).
 
+mod cli_support;
+use cli_support::*;
+
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn fixture(p: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-        .display()
-        .to_string()
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_decimamba"));
-    c.env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+use std::path::Path;
+use std::process::{Output, Stdio};
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "command failed: {}", stderr(o));
     String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// Failed with exit 1 and exactly one `error:` line (warnings aside) containing `needle`.
-fn assert_one_line_error(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    let lines: Vec<&str> = err
-        .trim()
-        .lines()
-        .filter(|l| !l.starts_with("warning:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "expected one line: {err}");
-    assert!(lines[0].starts_with("error:"), "{err}");
-    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
 }
 
 /// A small passkey run on the embedded model (1K is its training length).

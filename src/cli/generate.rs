@@ -161,6 +161,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
+    super::common::check_memory(
+        &loaded.model,
+        ids.len(),
+        decimation.is_some(),
+        1,
+        args.model.force,
+        &format!("a prompt of {} tokens", ids.len()),
+    )?;
     let (seed, drawn) = args.seed();
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
