@@ -5,7 +5,7 @@ mod cli_support;
 use cli_support::*;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 /// `bench` on the tiny fixture model, then `extra`; `--lengths 16,32` and `--decode 2`
 /// unless `extra` sets them.
@@ -64,14 +64,8 @@ fn read_json(path: &Path) -> serde_json::Value {
 fn closed_stdout_is_quiet_and_the_json_is_still_written() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench.json");
-    let mut child = bench(&["--json", out.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Close the reader before the table is printed (`bench … | true`).
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    // The reader is gone before the table is printed (`bench … | true`).
+    let o = output_with_closed_stdout(bench(&["--json", out.to_str().unwrap()]));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     let v = read_json(&out);

@@ -292,14 +292,9 @@ fn closed_or_full_stdout_never_panics() {
         let mut a = vec!["-n", "300"];
         a.extend_from_slice(mode);
         // The reader goes away before the first token.
-        let mut child = bin()
-            .args(gen_args(&a, "the sky"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let o = child.wait_with_output().unwrap();
+        let mut cmd = bin();
+        cmd.args(gen_args(&a, "the sky"));
+        let o = output_with_closed_stdout(cmd);
         let err = stderr(&o);
         assert!(o.status.success(), "{mode:?}: {err}");
         assert!(

@@ -6,7 +6,7 @@ use cli_support::*;
 
 use std::fs::File;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "command failed: {}", stderr(o));
@@ -223,14 +223,9 @@ fn a_second_process_on_one_out_folder_names_the_holder() {
 
 /// Runs with stdout a pipe whose reader has gone: the run ends quietly and keeps its files.
 fn run_with_closed_stdout(args: &[&str]) -> Output {
-    let mut child = bin()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    child.wait_with_output().unwrap()
+    let mut cmd = bin();
+    cmd.args(args);
+    output_with_closed_stdout(cmd)
 }
 
 fn run_to_dev_full(args: &[&str]) -> Output {

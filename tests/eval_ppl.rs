@@ -45,6 +45,29 @@ fn run(
     })
 }
 
+/// [`run`] with a Ctrl-C flag the fake model may set.
+fn run_with_stop(
+    model: &FakeModel,
+    docs: &[TokenizedDoc],
+    s: &PplSettings,
+    methods: &[Method],
+    out: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> PplReport {
+    run_ppl(&PplJob {
+        model,
+        docs,
+        settings: s,
+        methods,
+        out_dir: out,
+        options: &RunOptions {
+            quiet: true,
+            stop: Some(stop),
+        },
+    })
+    .unwrap()
+}
+
 fn settings() -> PplSettings {
     PplSettings {
         lengths: vec![100, 200, 1024],
@@ -370,18 +393,7 @@ fn a_partial_table_counts_only_windows_every_method_finished() {
         stop_after: Some((3, flag.clone())),
         ..FakeModel::new()
     };
-    let report = run_ppl(&PplJob {
-        model: &model,
-        docs: &docs,
-        settings: &s,
-        methods: &methods,
-        out_dir: dir.path(),
-        options: &RunOptions {
-            quiet: true,
-            stop: Some(flag),
-        },
-    })
-    .unwrap();
+    let report = run_with_stop(&model, &docs, &s, &methods, dir.path(), flag);
     assert!(!report.complete);
     assert_eq!(report.windows.len(), 3, "every finished window is kept");
     for r in &report.rows {
@@ -412,18 +424,7 @@ fn a_prefill_cut_short_by_ctrl_c_ends_the_run_resumably() {
         interrupt_at: Some((4, flag.clone())),
         ..FakeModel::new()
     };
-    let report = run_ppl(&PplJob {
-        model: &model,
-        docs: &docs,
-        settings: &s,
-        methods: &methods,
-        out_dir: dir.path(),
-        options: &RunOptions {
-            quiet: true,
-            stop: Some(flag),
-        },
-    })
-    .unwrap();
+    let report = run_with_stop(&model, &docs, &s, &methods, dir.path(), flag);
     assert!(!report.complete);
     assert_eq!(read_jsonl(&dir.path().join(RESULTS_JSONL)).len(), 4);
     let again = run(&FakeModel::new(), &docs, &s, &methods, dir.path()).unwrap();

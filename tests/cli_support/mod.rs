@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,4 +55,15 @@ pub fn assert_one_line_error(o: &Output, needle: &str) {
         "error {:?} does not mention {needle:?}",
         lines[0]
     );
+}
+
+/// Runs `cmd` with stdout a pipe whose reader has already gone (`… | true`).
+pub fn output_with_closed_stdout(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
 }
