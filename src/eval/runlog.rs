@@ -64,20 +64,37 @@ fn lock_run_folder(dir: &Path) -> Result<File> {
     Ok(lock)
 }
 
-/// Checks an output folder before a run: creates it, makes sure a file can be written
-/// in it, and refuses a folder of other files (see [`RunLog::open`]).
+/// Checks an output folder before a run, without creating it: a new folder's nearest
+/// existing ancestor must be a writable folder; an existing one must be writable, and
+/// empty or a run of this tool (see [`RunLog::open`]).
 pub fn check_out_folder(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {} is a file, not a folder", dir.display());
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    let existing = dir
+        .ancestors()
+        .find(|a| a.as_os_str().is_empty() || a.exists())
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .unwrap_or(Path::new("."));
+    if !existing.is_dir() {
+        bail!(
+            "cannot create output folder {}: {} is not a folder",
+            dir.display(),
+            existing.display()
+        );
+    }
+    let probe = existing.join(format!(".write-test-{}", std::process::id()));
     File::create(&probe)
         .and_then(|mut f| f.write_all(b"ok"))
         .with_context(|| format!("output folder {} is not writable", dir.display()))?;
     std::fs::remove_file(&probe).ok();
-    if !dir.join(RUN_JSON).exists() {
+    if dir.is_dir() && !dir.join(RUN_JSON).exists() {
         check_is_run_folder(dir)?;
     }
     Ok(())
@@ -341,6 +358,20 @@ mod tests {
         drop(first);
         // Released with the run: the folder opens again.
         RunLog::open::<Rec>(d.path(), &s).unwrap();
+    }
+
+    #[test]
+    fn checking_a_new_out_folder_does_not_create_it() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("a/b");
+        check_out_folder(&out).unwrap();
+        assert!(!d.path().join("a").exists());
+        std::fs::write(d.path().join("f"), "x").unwrap();
+        let e = check_out_folder(&d.path().join("f/sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a folder"), "{e}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 
     #[test]
