@@ -449,22 +449,6 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
             .iter()
             .all(|m| done.contains_key(&window_key(&m.name, w, di, wi)))
     };
-    let mut coverage = coverage;
-    if !complete {
-        for c in &mut coverage {
-            let mut docs_used = 0;
-            let mut windows = 0;
-            for (di, doc) in job.docs.iter().enumerate() {
-                let n = (0..window_starts(doc.tokens.len(), c.length, s.windows).len())
-                    .filter(|&wi| finished_by_all(c.length, di, wi))
-                    .count();
-                docs_used += usize::from(n > 0);
-                windows += n;
-            }
-            c.docs_used = docs_used;
-            c.windows = windows;
-        }
-    }
     let mut in_table: HashSet<(usize, usize, usize)> = HashSet::new();
     for &w in &s.lengths {
         for (di, doc) in job.docs.iter().enumerate() {
@@ -473,6 +457,19 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
                     in_table.insert((w, di, wi));
                 }
             }
+        }
+    }
+    // A partial run's coverage is what was done, not what was planned.
+    let mut coverage = coverage;
+    if !complete {
+        for c in &mut coverage {
+            let done_here: Vec<usize> = in_table
+                .iter()
+                .filter(|(w, _, _)| *w == c.length)
+                .map(|(_, di, _)| *di)
+                .collect();
+            c.windows = done_here.len();
+            c.docs_used = done_here.iter().collect::<HashSet<_>>().len();
         }
     }
     let mut windows = Vec::with_capacity(done.len());
