@@ -2,8 +2,8 @@
 //! decode, and peak resident memory. Used by `decimamba bench`; the same JSON layout is
 //! written by `scripts/bench_hf.py` so the two can be printed side by side.
 
-use crate::decimation::DecimationConfig;
 use crate::model::{ForwardOptions, LogitsSpan, MambaConfig, MambaModel};
+use crate::policy::{ContextPolicy, DecimationConfig};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -198,7 +198,7 @@ pub struct PrefillResult {
     /// What `peak_rss_mib` covers (the report states it once, as `peak_rss`).
     #[serde(skip)]
     pub peak_rss: PeakRss,
-    /// Sequence length leaving each decimating layer.
+    /// Sequence length leaving each layer the policy reports (DeciMamba's decimating ones).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_per_layer: Vec<usize>,
 }
@@ -220,6 +220,11 @@ pub struct BenchReport {
     pub prefill_decimated: BTreeMap<usize, PrefillResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decimation: Option<DecimationConfig>,
+    /// Prefill under a policy other than DeciMamba (`--policy`), and that policy's file.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_policy: BTreeMap<usize, PrefillResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode: Option<DecodeResult>,
 }
@@ -250,16 +255,17 @@ fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
 pub fn time_prefill(
     model: &MambaModel,
     len: usize,
-    decimation: Option<&DecimationConfig>,
+    policy: Option<&dyn ContextPolicy>,
     repeats: usize,
 ) -> Result<PrefillResult> {
     let vocab = model.config().vocab_size.min(50_000);
     let ids = Tensor::from_vec(random_ids(len, vocab, len as u64), (1, len), model.device())?;
     let opts = ForwardOptions {
-        decimation,
+        policy,
         protected_tail: 1,
         logits: LogitsSpan::Last(1),
         record_indices: false,
+        observer: None,
     };
     let mut runs = Vec::new();
     let mut kept = Vec::new();
@@ -269,8 +275,8 @@ pub fn time_prefill(
         let start = Instant::now();
         let (_, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
         runs.push(start.elapsed().as_secs_f64());
-        if let Some(d) = decimation {
-            kept = trace.kept_per_decimating_layer(d);
+        if let Some(p) = policy {
+            kept = trace.len_out_of(p.reported_layers());
         }
     }
     let s = median(&runs);

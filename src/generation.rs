@@ -1,8 +1,8 @@
 //! Text generation: one (optionally decimated) prefill, then recurrent decode steps.
 //! Sampling uses candle-transformers' `LogitsProcessor` and `apply_repeat_penalty`.
 
-use crate::decimation::DecimationConfig;
-use crate::model::{DecimationTrace, ForwardOptions, LogitsSpan, MambaModel};
+use crate::model::{ForwardOptions, ForwardTrace, LogitsSpan, MambaModel};
+use crate::policy::ContextPolicy;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -134,7 +134,7 @@ pub struct GenerateOutput {
     pub decode_steps: usize,
     pub stopped_at_eos: bool,
     /// Per-layer sequence lengths of the prefill.
-    pub trace: DecimationTrace,
+    pub trace: ForwardTrace,
 }
 
 /// Generates after `prompt`; `on_token` sees each new token as it is chosen (for streaming).
@@ -142,19 +142,19 @@ pub fn generate(
     model: &MambaModel,
     prompt: &[u32],
     params: &GenerateParams,
-    decimation: Option<&DecimationConfig>,
+    policy: Option<&dyn ContextPolicy>,
     eos: Option<u32>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenerateOutput> {
-    generate_traced(model, prompt, params, decimation, false, eos, &mut on_token)
+    generate_traced(model, prompt, params, policy, false, eos, &mut on_token)
 }
 
-/// [`generate`], optionally recording the kept indices of decimating layers.
+/// [`generate`], optionally recording the kept indices of token-dropping layers.
 pub fn generate_traced(
     model: &MambaModel,
     prompt: &[u32],
     params: &GenerateParams,
-    decimation: Option<&DecimationConfig>,
+    policy: Option<&dyn ContextPolicy>,
     record_indices: bool,
     eos: Option<u32>,
     on_token: &mut dyn FnMut(u32) -> Result<()>,
@@ -166,19 +166,24 @@ pub fn generate_traced(
     let mut state = model.new_state(1);
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), model.device())?;
     let opts = ForwardOptions {
-        decimation,
+        policy,
         protected_tail: 1,
         logits: LogitsSpan::Last(1),
         record_indices,
+        observer: None,
     };
     let start = Instant::now();
     let (mut logits, trace) = match params.prefill_chunk {
-        Some(_) if decimation.is_some() => {
+        Some(_) if policy.is_some_and(|p| !p.reported_layers().is_empty()) => {
             bail!("chunked prefill cannot decimate: DeciMamba scores the whole prompt at once")
         }
+        Some(_) if policy.is_some() => bail!(
+            "chunked prefill cannot run the {} policy: it plans on the whole prompt at once",
+            policy.map_or("", |p| p.name())
+        ),
         Some(chunk) => (
             model.prefill_chunked(&ids, chunk, &mut state)?.squeeze(0)?,
-            DecimationTrace::default(),
+            ForwardTrace::default(),
         ),
         None => {
             let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts)?;

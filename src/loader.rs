@@ -2,13 +2,12 @@
 //! in either checkpoint format, with its tokenizer and any files shipped beside it
 //! (`decimation.json` preset, `passkey_template.json`, `haystack.txt`).
 
-use crate::cli::common::ModelArgs;
-use crate::decimation::DecimationConfig;
 use crate::eval::common::fnv1a64;
 use crate::eval::{EvalModel, GreedyOutput, TailScore};
 use crate::generation::{self, GenerateParams};
 use crate::hub::{looks_like_repo_id, HubRepo};
 use crate::model::{ForwardOptions, LogitsSpan, MambaConfig, MambaModel};
+use crate::policy::{DecimationConfig, Policy};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -493,8 +492,22 @@ pub struct LoadedModel {
     eos: Option<u32>,
 }
 
+/// What names a model to load: the CLI's model flags, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Hub repo id or local directory; `None`: the embedded model.
+    pub model: Option<String>,
+    pub revision: String,
+    /// tokenizer.json path or hub repo id; `None`: the model's own, else GPT-NeoX-20B.
+    pub tokenizer: Option<String>,
+    /// cpu, cuda, cuda:N or metal.
+    pub device: String,
+    /// f32, bf16 or f16.
+    pub dtype: String,
+}
+
 /// Loads what `args` names.
-pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+pub fn load(args: &ModelSpec) -> Result<LoadedModel> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let files = find_files(args.model.as_deref(), &args.revision)?;
@@ -673,7 +686,7 @@ impl EvalModel for LoadedModel {
         &self,
         prompt: &[u32],
         max_new_tokens: usize,
-        decimation: Option<&DecimationConfig>,
+        policy: &Policy,
     ) -> Result<GreedyOutput> {
         let params = GenerateParams {
             max_new_tokens,
@@ -681,25 +694,23 @@ impl EvalModel for LoadedModel {
             vocab_size: Some(self.tokenizer.get_vocab_size(true)),
             ..GenerateParams::greedy()
         };
-        let out = generation::generate(&self.model, prompt, &params, decimation, self.eos, |_| {
-            Ok(())
-        })?;
+        let out = generation::generate(
+            &self.model,
+            prompt,
+            &params,
+            policy.as_option(),
+            self.eos,
+            |_| Ok(()),
+        )?;
         Ok(GreedyOutput {
             text: self.decode_ids(&out.tokens)?,
             tokens: out.tokens,
             prefill_secs: out.prefill_secs,
-            kept_per_layer: decimation
-                .map(|d| out.trace.kept_per_decimating_layer(d))
-                .unwrap_or_default(),
+            kept_per_layer: out.trace.len_out_of(policy.as_dyn().reported_layers()),
         })
     }
 
-    fn score_tail(
-        &self,
-        window: &[u32],
-        pred_len: usize,
-        decimation: Option<&DecimationConfig>,
-    ) -> Result<TailScore> {
+    fn score_tail(&self, window: &[u32], pred_len: usize, policy: &Policy) -> Result<TailScore> {
         if pred_len == 0 || pred_len >= window.len() {
             bail!(
                 "cannot score the last {pred_len} tokens of a {}-token window",
@@ -711,10 +722,11 @@ impl EvalModel for LoadedModel {
         // Positions w−pred_len−1 .. w−2 predict the scored tokens; R = pred_len + 1 keeps
         // them (and the last token) out of decimation, as the authors' PG-19 eval does.
         let opts = ForwardOptions {
-            decimation,
+            policy: policy.as_option(),
             protected_tail: pred_len + 1,
             logits: LogitsSpan::Last(pred_len + 1),
             record_indices: false,
+            observer: None,
         };
         let start = Instant::now();
         let (logits, trace) = self.model.forward_with_state(&ids, &mut state, &opts)?;
@@ -734,9 +746,7 @@ impl EvalModel for LoadedModel {
         Ok(TailScore {
             nll,
             forward_secs,
-            kept_per_layer: decimation
-                .map(|d| trace.kept_per_decimating_layer(d))
-                .unwrap_or_default(),
+            kept_per_layer: trace.len_out_of(policy.as_dyn().reported_layers()),
         })
     }
 

@@ -364,7 +364,7 @@ impl EvalModel for Words {
         &self,
         _: &[u32],
         _: usize,
-        _: Option<&decimamba::DecimationConfig>,
+        _: &decimamba::Policy,
     ) -> anyhow::Result<decimamba::eval::GreedyOutput> {
         unreachable!()
     }
@@ -372,7 +372,7 @@ impl EvalModel for Words {
         &self,
         _: &[u32],
         _: usize,
-        _: Option<&decimamba::DecimationConfig>,
+        _: &decimamba::Policy,
     ) -> anyhow::Result<decimamba::eval::TailScore> {
         unreachable!()
     }

@@ -243,10 +243,11 @@ fn decimation_case(name: &str) {
     let ids = ids_of(&reference["input_ids"]);
     let mut state = model.new_state(1);
     let opts = ForwardOptions {
-        decimation: Some(&cfg),
+        policy: Some(&cfg),
         protected_tail: tail,
         logits: LogitsSpan::All,
         record_indices: true,
+        observer: None,
     };
     let (logits, trace) = model
         .forward_with_state(&tensor_ids(&ids, &gpu), &mut state, &opts)
@@ -300,10 +301,11 @@ fn last_logits(
     let t = Tensor::from_slice(ids, (1, ids.len()), model.device()).unwrap();
     let mut state = model.new_state(1);
     let opts = ForwardOptions {
-        decimation: cfg,
+        policy: cfg.map(|c| c as &dyn decimamba::ContextPolicy),
         protected_tail: 1,
         logits: LogitsSpan::Last(1),
         record_indices: true,
+        observer: None,
     };
     let (logits, trace) = model.forward_with_state(&t, &mut state, &opts).unwrap();
     let kept = trace.layers.into_iter().map(|l| l.kept).collect();

@@ -166,10 +166,11 @@ fn decimation_case(name: &str) {
     let ids = ids_of(&reference["input_ids"]);
     let mut state = model.new_state(1);
     let opts = ForwardOptions {
-        decimation: Some(&cfg),
+        policy: Some(&cfg),
         protected_tail: tail,
         logits: LogitsSpan::All,
         record_indices: true,
+        observer: None,
     };
     let (logits, trace) = model
         .forward_with_state(&tensor_ids(&ids), &mut state, &opts)
@@ -251,7 +252,7 @@ fn decimation_that_keeps_everything_is_exactly_vanilla() {
     };
     let mut state = model.new_state(1);
     let opts = ForwardOptions {
-        decimation: Some(&cfg),
+        policy: Some(&cfg),
         ..Default::default()
     };
     let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts).unwrap();
@@ -278,7 +279,7 @@ fn long_vanilla_prefill_in_chunks_equals_one_pass() {
         let run = |deci: Option<&DecimationConfig>| {
             let mut state = model.new_state(1);
             let opts = ForwardOptions {
-                decimation: deci,
+                policy: deci.map(|c| c as &dyn decimamba::ContextPolicy),
                 logits: span,
                 ..Default::default()
             };
@@ -321,7 +322,7 @@ fn chunked_layers_before_decimation_give_the_same_result() {
     let run = |m: &MambaModel| {
         let mut state = m.new_state(1);
         let opts = ForwardOptions {
-            decimation: Some(&cfg),
+            policy: Some(&cfg),
             logits: LogitsSpan::All,
             record_indices: true,
             ..Default::default()

@@ -3,10 +3,11 @@
 use super::common::{DecimationArgs, ModelArgs};
 use super::output::println;
 use crate::bench::{self, BenchReport, PeakRss};
-use crate::decimation::ModelDefaults;
 use crate::eval::common::{atomic_write_json, parse_lengths, temp_sibling};
 use crate::loader::{parse_device, parse_dtype};
 use crate::model::MambaConfig;
+use crate::policy::decimamba::ModelDefaults;
+use crate::policy::Policy;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +27,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
     /// Also time decimated prefill (the --decimation settings, else the model preset or zero-shot rule).
+    /// With --policy, the policy's prefill is timed beside vanilla instead.
     #[arg(long)]
     pub compare_decimation: bool,
     /// Write the report as JSON here.
@@ -70,19 +72,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (loaded.model, d)
         }
     };
-    let decimation = if args.compare_decimation {
-        Some(crate::decimation::resolve_or_default(
-            &args.decimation,
-            &defaults,
-        )?)
+    let policy = if args.compare_decimation && args.decimation.policy.is_none() {
+        Policy::DeciMamba(args.decimation.decimation_or_default(&defaults)?)
     } else {
-        crate::decimation::resolve_args(&args.decimation, &defaults)?
+        args.decimation.policy_for(&defaults)?
     };
+    crate::policy::ContextPolicy::check(policy.as_dyn(), model.config())?;
+    let decimation = policy.decimation().cloned();
     if let Some(&longest) = lengths.iter().max() {
         super::common::check_memory(
             &model,
             longest,
-            decimation.is_some(),
+            policy.keeps_tokens(),
             1,
             args.model_args.force,
             &format!("a bench prefill of {longest} tokens"),
@@ -108,6 +109,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         prefill: BTreeMap::new(),
         prefill_decimated: BTreeMap::new(),
         decimation: decimation.clone(),
+        prefill_policy: BTreeMap::new(),
+        policy: policy
+            .as_option()
+            .filter(|_| decimation.is_none())
+            .map(|p| p.settings()),
         decode: None,
     };
     // Each finished measurement is saved at once (atomically), so a closed stdout, an
@@ -133,21 +139,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
         note_scope(&mut report, r.peak_rss);
         report.prefill.insert(len, r);
         save(&report)?;
-        if let Some(d) = &decimation {
-            let r = bench::time_prefill(&model, len, Some(d), args.repeats)?;
+        if let Some(p) = policy.as_option() {
+            let r = bench::time_prefill(&model, len, Some(p), args.repeats)?;
             let base = report.prefill[&len].s;
+            let what = match &decimation {
+                Some(_) => format!("decimated {:?}", r.kept_per_layer),
+                None => p.name().to_string(),
+            };
             println(&format!(
-                "{:>8}  {:>10.3}  {:>12.1}  {:>10}  decimated {:?} ({:.2}x vanilla)",
+                "{:>8}  {:>10.3}  {:>12.1}  {:>10}  {what} ({:.2}x vanilla)",
                 len,
                 r.s,
                 r.tok_per_s,
                 mib(r.peak_rss_mib),
-                r.kept_per_layer,
                 base / r.s
             ))?;
-            print_gpu_profile(&format!("{len} tokens, decimated"));
+            let label = match &decimation {
+                Some(_) => "decimated".to_string(),
+                None => p.name().to_string(),
+            };
+            print_gpu_profile(&format!("{len} tokens, {label}"));
             note_scope(&mut report, r.peak_rss);
-            report.prefill_decimated.insert(len, r);
+            match &decimation {
+                Some(_) => report.prefill_decimated.insert(len, r),
+                None => report.prefill_policy.insert(len, r),
+            };
             save(&report)?;
         }
     }

@@ -1,8 +1,8 @@
 //! `decimamba eval-ppl`: sliding-window perplexity over long documents.
 
-use super::common::EvalRunArgs;
+use super::common::{DataArgs, EvalRunArgs};
 use crate::eval::common::{install_interrupt_flag, parse_lengths};
-use crate::eval::data::{data_files, load_documents, pg19_test_files, DataOptions};
+use crate::eval::data::{data_files, load_documents, pg19_test_files};
 use crate::eval::ppl::{files, run_ppl, tokenize_documents, PplJob, PplSettings};
 use crate::eval::RunOptions;
 use anyhow::{bail, Result};
@@ -34,18 +34,8 @@ pub struct EvalPplArgs {
     /// cache (HF_HUB_OFFLINE=1: the cache only).
     #[arg(long, value_enum)]
     pub dataset: Option<Dataset>,
-    /// The jsonl field or parquet column holding the text.
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
-    /// Keep Project Gutenberg headers and footers (stripped by default when present).
-    #[arg(long)]
-    pub keep_gutenberg_boilerplate: bool,
-    /// Skip (with a warning) files, or parquet rows, that are not UTF-8 instead of failing.
-    #[arg(long)]
-    pub skip_invalid: bool,
-    /// Use at most this many documents (in file order).
-    #[arg(long)]
-    pub max_docs: Option<usize>,
+    #[command(flatten)]
+    pub data_args: DataArgs,
     /// Context lengths in tokens, comma-separated; k = 1024 (10k = 10240).
     #[arg(long, default_value = "1k,2k,4k,10k,20k,30k,40k,50k,60k")]
     pub lengths: String,
@@ -71,19 +61,19 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         (None, Some(Dataset::Pg19)) => pg19_test_files()?,
         (None, None) => bail!("give --data FILE|DIR or --dataset pg19"),
     };
-    let opts = DataOptions {
-        text_field: args.text_field.clone(),
-        strip_gutenberg: !args.keep_gutenberg_boilerplate,
-        skip_invalid: args.skip_invalid,
-    };
+    let opts = args.data_args.options();
     let out = args.run.out_dir("ppl")?;
     let mut data = load_documents(&files_in, &opts)?;
     for w in &data.warnings {
         eprintln!("warning: {w}");
     }
-    if let Some(n) = args.max_docs {
+    if let Some(n) = args.data_args.max_docs {
         data.documents.truncate(n);
     }
+    args.run.check_held_out(&crate::calibrate::DataRecord::of(
+        &files_in,
+        &data.documents,
+    )?)?;
     let mut model = args.run.model.load()?;
     let methods = args.run.methods(&model)?;
     let docs = tokenize_documents(&model, &data.documents, args.run.quiet)?;

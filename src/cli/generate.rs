@@ -120,7 +120,7 @@ fn strip_bom(text: &str) -> &str {
 
 /// The per-layer length table (the paper's Fig. 2, right).
 pub fn report_table(
-    trace: &crate::model::DecimationTrace,
+    trace: &crate::model::ForwardTrace,
     deci: Option<&crate::DecimationConfig>,
 ) -> String {
     let mut s = String::from("layer  len_in  len_out\n");
@@ -156,7 +156,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
     let loaded = args.model.load()?;
-    let decimation = args.decimation.resolve(&loaded)?;
+    let policy = args.decimation.resolve_policy(&loaded)?;
+    let decimation = policy.decimation().cloned();
     let ids = loaded.encode_text(&prompt)?;
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
@@ -164,7 +165,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     super::common::check_memory(
         &loaded.model,
         ids.len(),
-        decimation.is_some(),
+        policy.keeps_tokens(),
         1,
         args.model.force,
         &format!("a prompt of {} tokens", ids.len()),
@@ -205,7 +206,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &loaded.model,
         &ids,
         &params,
-        decimation.as_ref(),
+        policy.as_option(),
         args.kept_indices,
         loaded.eos_token_id(),
         &mut on_token,
@@ -223,7 +224,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     if json {
         let text = loaded.decode_ids(&out.tokens)?;
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "model": loaded.name_str(),
             "prompt_tokens": out.prompt_len,
             "generated_tokens": out.tokens.len(),
@@ -237,6 +238,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "decimation": decimation,
             "layers": if args.decimation_report || args.kept_indices { Some(&out.trace.layers) } else { None },
         });
+        if !matches!(policy, crate::Policy::Vanilla | crate::Policy::DeciMamba(_)) {
+            v["policy"] = policy.to_json();
+        }
         output::println(&serde_json::to_string_pretty(&v)?)?;
     } else {
         output::println("")?;

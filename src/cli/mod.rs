@@ -1,6 +1,7 @@
 //! The command-line layer: argument parsing and output; all work happens in the library.
 
 pub mod bench;
+pub mod calibrate;
 pub mod common;
 pub mod eval_ppl;
 pub mod generate;
@@ -27,6 +28,9 @@ pub enum Command {
     EvalPpl(eval_ppl::EvalPplArgs),
     /// Prefill and decode throughput, vanilla and decimated, with peak memory.
     Bench(bench::BenchArgs),
+    /// Fit MambaExtend, Mamba Modulation or LongMamba to a model on calibration text and
+    /// write the policy file (--policy FILE, --methods …,FILE).
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Runs the CLI and returns the process exit code; errors print as one line.
@@ -37,6 +41,7 @@ pub fn main() -> i32 {
         Command::Passkey(a) => passkey::run(a),
         Command::EvalPpl(a) => eval_ppl::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     match result {
         Ok(()) => 0,

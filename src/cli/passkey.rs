@@ -60,6 +60,9 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         model.haystack().as_deref(),
     )?;
     let methods = args.run.methods(&model)?;
+    if let Some(p) = &args.haystack {
+        args.run.check_held_out(&haystack_record(p)?)?;
+    }
     let longest = settings.lengths.iter().copied().max().unwrap_or(0);
     args.run
         .check_memory(&model, &methods, longest, 1, "a passkey prompt")?;
@@ -94,4 +97,19 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         &out,
         &[files::RESULTS_JSON, files::SUMMARY_JSON, files::HEATMAP_PNG],
     )
+}
+
+/// The haystack file, or the files of a haystack folder, hashed for the held-out check.
+fn haystack_record(path: &std::path::Path) -> Result<crate::calibrate::DataRecord> {
+    let files = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    crate::calibrate::DataRecord::of(&files, &[])
 }

@@ -1,7 +1,7 @@
 //! Pieces both evaluations share: length and depth parsing, methods, output
 //! folders, atomic writes, progress bars, Ctrl-C handling and text tables.
 
-use crate::decimation::DecimationConfig;
+use crate::policy::{DecimationConfig, Policy};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -10,34 +10,68 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Name of the method that runs without decimation.
-pub const VANILLA: &str = "vanilla";
-/// Name of the method that runs with decimation.
-pub const DECIMAMBA: &str = "decimamba";
+pub use crate::policy::{DECIMAMBA, VANILLA};
 
-/// One way of running the model: vanilla Mamba or DeciMamba with a config.
+/// One way of running the model: a named context policy. Vanilla and DeciMamba keep the
+/// record they had before policies existed (`decimation`: the config or null); other
+/// methods add their policy file's JSON as `policy`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MethodRecord", into = "MethodRecord")]
 pub struct Method {
-    /// `vanilla` or `decimamba`.
+    /// `vanilla`, `decimamba`, `mambaextend`, … (made distinct within a run).
     pub name: String,
-    /// The decimation applied, `None` for vanilla.
-    pub decimation: Option<DecimationConfig>,
+    pub policy: Policy,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MethodRecord {
+    name: String,
+    decimation: Option<DecimationConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<serde_json::Value>,
+}
+
+impl From<Method> for MethodRecord {
+    fn from(m: Method) -> Self {
+        MethodRecord {
+            decimation: m.policy.decimation().cloned(),
+            policy: m.policy_json(),
+            name: m.name,
+        }
+    }
+}
+
+impl TryFrom<MethodRecord> for Method {
+    type Error = anyhow::Error;
+    fn try_from(r: MethodRecord) -> Result<Self> {
+        let policy = match (r.policy, r.decimation) {
+            (Some(p), _) => Policy::from_json(p)?,
+            (None, Some(c)) => Policy::DeciMamba(c),
+            (None, None) => Policy::Vanilla,
+        };
+        Ok(Method {
+            name: r.name,
+            policy,
+        })
+    }
 }
 
 impl Method {
-    /// Vanilla Mamba (no decimation).
+    /// Vanilla Mamba (no policy).
     pub fn vanilla() -> Self {
-        Method {
-            name: VANILLA.to_string(),
-            decimation: None,
-        }
+        Self::of(Policy::Vanilla)
     }
 
     /// DeciMamba with `config`.
     pub fn decimamba(config: DecimationConfig) -> Self {
+        Self::of(Policy::DeciMamba(config))
+    }
+
+    /// `policy`, named by its method.
+    pub fn of(policy: Policy) -> Self {
         Method {
-            name: DECIMAMBA.to_string(),
-            decimation: Some(config),
+            name: policy.name().to_string(),
+            policy,
         }
     }
 
@@ -53,6 +87,19 @@ impl Method {
     /// The two methods of a `--compare` run: vanilla, then DeciMamba.
     pub fn compare(config: DecimationConfig) -> Vec<Self> {
         vec![Method::vanilla(), Method::decimamba(config)]
+    }
+
+    /// DeciMamba's config, when this is DeciMamba (`decimation` in records).
+    pub fn decimation(&self) -> Option<&DecimationConfig> {
+        self.policy.decimation()
+    }
+
+    /// The policy file's JSON for methods other than vanilla and DeciMamba.
+    pub fn policy_json(&self) -> Option<serde_json::Value> {
+        match &self.policy {
+            Policy::Vanilla | Policy::DeciMamba(_) => None,
+            p => Some(p.to_json()),
+        }
     }
 }
 

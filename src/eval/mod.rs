@@ -1,9 +1,10 @@
-//! The paper's evaluations: passkey retrieval and long-context perplexity.
+//! The paper's evaluations: passkey retrieval and long-context perplexity, for any
+//! set of context policies side by side.
 //!
 //! Evaluations talk to a model only through [`EvalModel`], so they can be
 //! tested with small fake models and run unchanged on any loaded checkpoint.
 
-use crate::decimation::DecimationConfig;
+use crate::policy::Policy;
 
 pub mod common;
 pub mod data;
@@ -23,8 +24,8 @@ pub struct GreedyOutput {
     pub text: String,
     /// Wall-clock seconds spent in the prefill.
     pub prefill_secs: f64,
-    /// Sequence length leaving each decimating layer, in `decimating_layers` order
-    /// (empty without decimation).
+    /// Sequence length leaving each layer the policy reports (DeciMamba's decimating
+    /// layers, in order; empty for other methods).
     pub kept_per_layer: Vec<usize>,
 }
 
@@ -35,7 +36,7 @@ pub struct TailScore {
     pub nll: Vec<f32>,
     /// Wall-clock seconds spent in the forward pass.
     pub forward_secs: f64,
-    /// Sequence length leaving each decimating layer (empty without decimation).
+    /// Sequence length leaving each layer the policy reports (empty for most methods).
     pub kept_per_layer: Vec<usize>,
 }
 
@@ -46,20 +47,20 @@ pub trait EvalModel {
     /// Text of `ids`.
     fn decode(&self, ids: &[u32]) -> anyhow::Result<String>;
     /// Greedy decoding of at most `max_new_tokens` after a prefill of `prompt`
-    /// with decimation (protected tail R = 1); stops at EOS.
+    /// under `policy` (protected tail R = 1); stops at EOS.
     fn generate_greedy(
         &self,
         prompt: &[u32],
         max_new_tokens: usize,
-        decimation: Option<&DecimationConfig>,
+        policy: &Policy,
     ) -> anyhow::Result<GreedyOutput>;
     /// NLL of the last `pred_len` tokens of `window`, scored in one forward pass
-    /// with those tokens protected from decimation (R = pred_len + 1).
+    /// under `policy` with those tokens protected from dropping (R = pred_len + 1).
     fn score_tail(
         &self,
         window: &[u32],
         pred_len: usize,
-        decimation: Option<&DecimationConfig>,
+        policy: &Policy,
     ) -> anyhow::Result<TailScore>;
     /// A short name for reports (model id or directory).
     fn name(&self) -> String;

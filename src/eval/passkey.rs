@@ -795,11 +795,8 @@ pub fn run_passkey(job: &PasskeyJob) -> Result<PasskeyReport> {
                         m.name,
                         format_length(length)
                     ));
-                    let out = match model.generate_greedy(
-                        &prompt.ids,
-                        s.max_new_tokens,
-                        m.decimation.as_ref(),
-                    ) {
+                    let out = match model.generate_greedy(&prompt.ids, s.max_new_tokens, &m.policy)
+                    {
                         Ok(out) => out,
                         // Ctrl-C stopped the prefill: this sample is abandoned.
                         Err(_) if job.options.stopped() => {
@@ -903,9 +900,9 @@ pub fn summary_json(job: &PasskeyJob, grid: &PasskeyGrid) -> Value {
         .enumerate()
         .map(|(m, method)| {
             let overall = grid.overall(m);
-            json!({
+            let mut v = json!({
                 "method": method.name,
-                "decimation": method.decimation,
+                "decimation": method.decimation(),
                 "success": overall.fraction(),
                 "successes": overall.successes,
                 "samples": overall.total,
@@ -914,7 +911,11 @@ pub fn summary_json(job: &PasskeyJob, grid: &PasskeyGrid) -> Value {
                     json!({"length": len, "success": st.fraction(), "successes": st.successes, "samples": st.total})
                 }).collect::<Vec<_>>(),
                 "grid": grid.cells[m].iter().map(|row| row.iter().map(|c| c.fraction()).collect::<Vec<_>>()).collect::<Vec<_>>(),
-            })
+            });
+            if let Some(p) = method.policy_json() {
+                v["policy"] = p;
+            }
+            v
         })
         .collect();
     json!({
@@ -935,8 +936,8 @@ pub fn summary_json(job: &PasskeyJob, grid: &PasskeyGrid) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decimation::DecimationConfig;
     use crate::eval::{GreedyOutput, TailScore};
+    use crate::policy::Policy;
 
     /// Byte-level tokenizer; finds the key by scanning the prompt.
     struct Bytes;
@@ -950,12 +951,7 @@ mod tests {
                     .into_owned(),
             )
         }
-        fn generate_greedy(
-            &self,
-            prompt: &[u32],
-            _: usize,
-            _: Option<&DecimationConfig>,
-        ) -> Result<GreedyOutput> {
+        fn generate_greedy(&self, prompt: &[u32], _: usize, _: &Policy) -> Result<GreedyOutput> {
             let text = self.decode(prompt)?;
             let key = text
                 .split("The pass key is ")
@@ -973,12 +969,7 @@ mod tests {
                 kept_per_layer: vec![],
             })
         }
-        fn score_tail(
-            &self,
-            _: &[u32],
-            _: usize,
-            _: Option<&DecimationConfig>,
-        ) -> Result<TailScore> {
+        fn score_tail(&self, _: &[u32], _: usize, _: &Policy) -> Result<TailScore> {
             unreachable!()
         }
         fn name(&self) -> String {
@@ -1121,20 +1112,10 @@ mod tests {
             fn decode(&self, ids: &[u32]) -> Result<String> {
                 Bytes.decode(ids)
             }
-            fn generate_greedy(
-                &self,
-                p: &[u32],
-                n: usize,
-                d: Option<&DecimationConfig>,
-            ) -> Result<GreedyOutput> {
+            fn generate_greedy(&self, p: &[u32], n: usize, d: &Policy) -> Result<GreedyOutput> {
                 Bytes.generate_greedy(p, n, d)
             }
-            fn score_tail(
-                &self,
-                _: &[u32],
-                _: usize,
-                _: Option<&DecimationConfig>,
-            ) -> Result<TailScore> {
+            fn score_tail(&self, _: &[u32], _: usize, _: &Policy) -> Result<TailScore> {
                 unreachable!()
             }
             fn name(&self) -> String {

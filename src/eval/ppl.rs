@@ -391,27 +391,23 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
                         m.name,
                         format_length(w)
                     ));
-                    let score =
-                        match job
-                            .model
-                            .score_tail(window, s.pred_len, m.decimation.as_ref())
-                        {
-                            Ok(score) => score,
-                            // Ctrl-C stopped the forward pass: this window is abandoned.
-                            Err(_) if job.options.stopped() => {
-                                interrupted = true;
-                                break 'run;
-                            }
-                            Err(e) => {
-                                return Err(e.context(format!(
-                                    "{} failed at length {w}, document {} window {wi} \
+                    let score = match job.model.score_tail(window, s.pred_len, &m.policy) {
+                        Ok(score) => score,
+                        // Ctrl-C stopped the forward pass: this window is abandoned.
+                        Err(_) if job.options.stopped() => {
+                            interrupted = true;
+                            break 'run;
+                        }
+                        Err(e) => {
+                            return Err(e.context(format!(
+                                "{} failed at length {w}, document {} window {wi} \
                                  (finished windows are saved in {})",
-                                    m.name,
-                                    doc.name,
-                                    log.results_path().display()
-                                )))
-                            }
-                        };
+                                m.name,
+                                doc.name,
+                                log.results_path().display()
+                            )))
+                        }
+                    };
                     if score.nll.len() != s.pred_len {
                         bail!(
                             "the model returned {} NLLs for a window, expected --pred-len {}",

@@ -216,15 +216,24 @@ extern "C" __global__ void conv_silu(const elem* __restrict__ xz, i64 bs, i64 rs
     }
 }
 
-// DeciMamba's token score ‖Δ_t‖₂ over the D channels, Δ = softplus(dt + bias), one block
-// per token (Ben-Kish et al. 2025, §4: the L2 norm of Δ_t). Summed in f64 like the CPU.
+// Δ under a layer plan (policy/mod.rs): softplus(dt + bias), scaled per channel, then 0
+// where it is ≤ the channel's threshold (−∞: untouched). Vanilla passes 1 and −∞.
+__device__ __forceinline__ float planned_delta(float dt, float bias, float scale, float thresh) {
+    const float v = softplus_f(dt + bias) * scale;
+    return v <= thresh ? 0.0f : v;
+}
+
+// The keep rule's token score ‖Δ_t‖₂ over the D channels, Δ under the plan, one block per
+// token (the L2 norm of Δ_t, Ben-Kish et al. 2025, §4). Summed in f64 like the CPU.
 extern "C" __global__ void delta_norms(const elem* __restrict__ dt, const float* __restrict__ bias,
+                                       const float* __restrict__ dscale,
+                                       const float* __restrict__ dthresh,
                                        float* __restrict__ out, int D) {
     __shared__ double sh[32];
     const i64 base = (i64)blockIdx.x * D;
     double s = 0.0;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        double v = softplus_f(ld(dt[base + i]) + bias[i]);
+        double v = planned_delta(ld(dt[base + i]), bias[i], dscale[i], dthresh[i]);
         s += v * v;
     }
     s = block_sum(s, sh);
@@ -260,7 +269,7 @@ __device__ int block_exclusive_scan(int v, int* sh, int* total) {
     return sh[warp] + x - v;
 }
 
-// DeciMamba's choice of tokens on the GPU, one block of 1024 threads: among the first C
+// The keep rule's choice of tokens on the GPU, one block of 1024 threads: among the first C
 // positions, the K with the largest scores (ties to the earlier position, as
 // select_by_scores on the CPU), in ascending order, then the protected tail C..L-1.
 // Writes idx[0 .. K + L - C). Scores are ≥ 0, so their bit patterns order like their
@@ -316,7 +325,7 @@ extern "C" __global__ void select_top_k(const float* __restrict__ scores, int C,
 
 // ---------------------------------------------------------------------------------------
 // Selective scan (Gu & Dao 2023, Alg. 2) with the discretisation, softplus and gate fused:
-//   Δ_t = softplus(dt_t + bias),  h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,
+//   Δ_t = softplus(dt_t + bias) under the layer plan (planned_delta),  h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,
 //   y_t = (C_t · h_t + D x_t) · SiLU(z_t).
 // One thread per (batch, channel), its NSTATE states in registers, f32 arithmetic; B_t and
 // C_t, shared by every channel, are staged through shared memory a tile of steps at a
@@ -340,7 +349,8 @@ extern "C" __global__ void select_top_k(const float* __restrict__ scores, int C,
 
 #define SCAN_PARAMS                                                                          \
     const elem *__restrict__ x, const elem *__restrict__ dt,                                 \
-        const float *__restrict__ dt_bias, const elem *__restrict__ bc, i64 bc_bs, i64 bc_rs, \
+        const float *__restrict__ dt_bias, const float *__restrict__ dscale,                   \
+        const float *__restrict__ dthresh, const elem *__restrict__ bc, i64 bc_bs, i64 bc_rs, \
         int b_off, int c_off, const elem *__restrict__ z, i64 z_bs, i64 z_rs,                \
         const float *__restrict__ A, const float *__restrict__ Dskip, int B, int L, int D,    \
         int chunk_len
@@ -376,10 +386,12 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
     const bool active = d < D;
     const i64 G = (i64)B * D, g = (i64)b * D + d;
     float a2[NSTATE], h[NSTATE];
-    float bias = 0.0f, dskip = 0.0f;
+    float bias = 0.0f, dskip = 0.0f, scale = 1.0f, thresh = 0.0f;
     if (active) {
         bias = dt_bias[d];
         dskip = Dskip[d];
+        scale = dscale[d];
+        thresh = dthresh[d];
 #pragma unroll
         for (int n = 0; n < NSTATE; ++n) {
             a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
@@ -405,7 +417,7 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
         for (int k = 0; k < nt; ++k) {
             const int t = tt + k;
             const i64 r = ((i64)b * L + t) * D + d;
-            const float delta = softplus_f(ld(dt[r]) + bias);
+            const float delta = planned_delta(ld(dt[r]), bias, scale, thresh);
             const float xv = ld(x[r]);
             const float dx = delta * xv;
             float bk[NSTATE];
@@ -445,7 +457,7 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
 extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS)
     scan_chunk_summary(SCAN_PARAMS, float* __restrict__ S,
                                               float* __restrict__ T) {
-    scan_body<false>(x, dt, dt_bias, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
+    scan_body<false>(x, dt, dt_bias, dscale, dthresh, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
                      L, D, chunk_len, 0, 0, 0, 0, S, T, 0, 0);
 }
 
@@ -477,7 +489,7 @@ extern "C" __global__ void scan_combine(const float* __restrict__ A,
 extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS) scan_output(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
                                        i64 hin_g, i64 hin_n, float* __restrict__ h1,
                                        elem* __restrict__ y) {
-    scan_body<true>(x, dt, dt_bias, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
+    scan_body<true>(x, dt, dt_bias, dscale, dthresh, bc, bc_bs, bc_rs, b_off, c_off, z, z_bs, z_rs, A, Dskip, B,
                     L, D, chunk_len, hin, hin_c, hin_g, hin_n, 0, 0, h1, y);
 }
 

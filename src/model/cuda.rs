@@ -1,5 +1,5 @@
 //! CUDA kernels of the model (`cuda.kernels.cu`): the prefill mixer's causal conv + SiLU,
-//! DeciMamba's ‖Δ_t‖₂ scores, the chunked selective scan with softplus and gate fused,
+//! the keep rule's ‖Δ_t‖₂ scores and top-K, the chunked selective scan with softplus and gate fused,
 //! the residual add + norm between blocks, and a decode step of four launches per layer.
 //!
 //! Activations stay in the model dtype (f32, bf16 or f16) from one GEMM to the next; the
@@ -257,9 +257,53 @@ pub struct MixerParams {
     /// A = −exp(A_log), `[d_inner, d_state]`.
     pub a: Tensor,
     pub d_skip: Tensor,
+    /// The vanilla plan's Δ scale (ones) and filter (−∞), `[d_inner]`.
+    pub unit_scale: Tensor,
+    pub no_filter: Tensor,
     pub d_state: usize,
     /// The dtype activations travel in.
     pub dtype: DType,
+}
+
+/// A layer plan as kernel arguments (f32 on the device): the Δ scale and threshold per
+/// channel, and A. Vanilla borrows the layer's constants; a plan uploads d_inner floats
+/// (and d_inner·d_state for a rescaled A), not a full-length pass.
+pub struct DevicePlan {
+    pub delta_scale: Tensor,
+    pub delta_filter: Tensor,
+    pub a: Tensor,
+}
+
+impl DevicePlan {
+    /// `a`: A under the plan, on the host (`[d_inner, d_state]`).
+    pub fn new(
+        p: &MixerParams,
+        plan: &crate::policy::LayerPlan,
+        a: &[f32],
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let d = p.dt_bias.dim(0)?;
+        let delta_scale = match &plan.delta_scale {
+            None => p.unit_scale.clone(),
+            Some(s) => {
+                let v: Vec<f32> = (0..d).map(|c| s.of(c)).collect();
+                Tensor::from_vec(v, d, dev)?
+            }
+        };
+        let delta_filter = match &plan.delta_filter {
+            None => p.no_filter.clone(),
+            Some(t) => Tensor::from_slice(t, d, dev)?,
+        };
+        let a = match plan.a_log_scale {
+            None => p.a.clone(),
+            Some(_) => Tensor::from_slice(a, p.a.dims2()?, dev)?,
+        };
+        Ok(Self {
+            delta_scale,
+            delta_filter,
+            a,
+        })
+    }
 }
 
 impl MixerParams {
@@ -404,13 +448,15 @@ pub fn conv_silu(
     Ok((out, new_hist))
 }
 
-/// DeciMamba's score of each token: ‖softplus(dt_t + bias)‖₂ over channels, for `dt`
-/// `[rows, d_inner]` (model dtype). Returns `[rows]` f32.
-pub fn delta_norms(dt: &Tensor, p: &MixerParams) -> Result<Tensor> {
+/// The keep rule's score of each token: ‖Δ_t‖₂ over channels with Δ under `plan`, for
+/// `dt` `[rows, d_inner]` (model dtype). Returns `[rows]` f32.
+pub fn delta_norms(dt: &Tensor, p: &MixerParams, plan: &DevicePlan) -> Result<Tensor> {
     let dev = cuda_device(dt)?;
     let (rows, d) = dt.dims2()?;
     let dtp = dptr(dt, p.dtype, "dt")?;
     let bp = dptr(&p.dt_bias, DType::F32, "dt bias")?;
+    let scp = dptr(&plan.delta_scale, DType::F32, "delta scale")?;
+    let thp = dptr(&plan.delta_filter, DType::F32, "delta filter")?;
     // SAFETY: one block per row writes its score.
     let out = unsafe { alloc(&dev, DType::F32, rows)? };
     let op = dptr(&out, DType::F32, "scores")?;
@@ -420,14 +466,16 @@ pub fn delta_norms(dt: &Tensor, p: &MixerParams) -> Result<Tensor> {
         grid_rows(rows),
         &dtp,
         &bp,
+        &scp,
+        &thp,
         &op,
         &d_
     );
     Ok(out)
 }
 
-/// DeciMamba's kept positions on the GPU: the `keep` highest of `scores[..candidates]`
-/// (`[len]`, f32 ≥ 0; ties to the earlier position, as [`crate::decimation::select_by_scores`]),
+/// The keep rule's positions on the GPU: the `keep` highest of `scores[..candidates]`
+/// (`[len]`, f32 ≥ 0; ties to the earlier position, as [`crate::policy::select::select_by_scores`]),
 /// ascending, then the protected tail `candidates..len`. Returns `[keep + len − candidates]`
 /// u32 indices, still on the device: the gather needs no host round trip.
 pub fn select_top_k(scores: &Tensor, candidates: usize, keep: usize, v: Variant) -> Result<Tensor> {
@@ -480,12 +528,16 @@ pub struct ScanArgs<'a> {
     pub h0: &'a Tensor,
 }
 
-/// The selective scan with fused discretisation, softplus and gating. Returns the gated
-/// output `[batch·len, d_inner]` (model dtype) and the final state
-/// `[batch, d_inner, d_state]` (f32).
-pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)> {
+/// The selective scan with fused discretisation, softplus, the plan's Δ scale and
+/// filter, and gating. Returns the gated output `[batch·len, d_inner]` (model dtype) and
+/// the final state `[batch, d_inner, d_state]` (f32).
+pub fn selective_scan(
+    s: &ScanArgs,
+    p: &MixerParams,
+    plan: &DevicePlan,
+) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(s.x)?;
-    let (d, n) = p.a.dims2()?;
+    let (d, n) = plan.a.dims2()?;
     let (batch, len) = (s.batch, s.len);
     let et = p.dtype;
 
@@ -497,9 +549,11 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
     let xp = dptr(s.x, et, "x")?;
     let dtp = dptr(s.dt, et, "dt")?;
     let dbp = dptr(&p.dt_bias, DType::F32, "dt bias")?;
+    let scp = dptr(&plan.delta_scale, DType::F32, "delta scale")?;
+    let thp = dptr(&plan.delta_filter, DType::F32, "delta filter")?;
     let bcp = dptr(s.bc, et, "B/C")?;
     let zp = dptr(s.z, et, "z")? + (s.z_offset * et.size_in_bytes()) as u64;
-    let ap = dptr(&p.a, DType::F32, "A")?;
+    let ap = dptr(&plan.a, DType::F32, "A")?;
     let dsp = dptr(&p.d_skip, DType::F32, "D")?;
     let hp = dptr(s.h0, DType::F32, "ssm state")?;
     let (bc_bs, bc_rs) = ((len * bc_w) as i64, bc_w as i64);
@@ -529,7 +583,7 @@ pub fn selective_scan(s: &ScanArgs, p: &MixerParams) -> Result<(Tensor, Tensor)>
     macro_rules! scan_pass {
         ($name:expr, $cfg:expr, $($extra:expr),*) => {
             launch!(
-                kernel!(&dev, $name, p), $cfg, &xp, &dtp, &dbp, &bcp, &bc_bs, &bc_rs, &b_off,
+                kernel!(&dev, $name, p), $cfg, &xp, &dtp, &dbp, &scp, &thp, &bcp, &bc_bs, &bc_rs, &b_off,
                 &c_off, &zp, &z_bs, &z_rs, &ap, &dsp, &b_, &l_, &d_, &cl_, $($extra),*
             )
         };

@@ -1,5 +1,7 @@
 //! The Mamba-1 language model (Gu & Dao 2023): embedding → N × (Add → Norm → Mixer) →
-//! final norm → LM head, with DeciMamba decimation inside chosen mixers.
+//! final norm → LM head. A context policy's [`LayerPlan`] is carried out inside each
+//! mixer, between computing Δ, B, C and running the scan: Δ scaled and filtered, A
+//! rescaled, tokens kept by ‖Δ_t‖₂.
 //!
 //! One forward path serves every use: a whole prompt, one chunk of a long prompt, or a
 //! single decode step; the caller passes the [`InferenceState`] that carries each layer's
@@ -10,7 +12,9 @@ use super::kernels::{self, ConvInput, ScanInputs};
 #[cfg(feature = "cuda")]
 #[path = "cuda.rs"]
 mod cuda;
-use crate::decimation::{select_by_scores, select_tokens, token_scores, DecimationConfig};
+use crate::policy::observe::{ScanObserver, ScanView};
+use crate::policy::select::{select_by_scores, token_scores};
+use crate::policy::{ContextPolicy, KeepRule, LayerPlan};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -175,7 +179,7 @@ impl Clone for LayerState {
 pub struct InferenceState {
     pub batch: usize,
     pub layers: Vec<LayerState>,
-    /// Tokens consumed so far (before any decimation).
+    /// Tokens consumed so far (before any token was dropped).
     pub seen_tokens: usize,
 }
 
@@ -185,22 +189,22 @@ pub struct LayerTrace {
     pub layer: usize,
     pub len_in: usize,
     pub len_out: usize,
-    /// Indices into this layer's input that were kept, when the layer decimated and the
-    /// caller asked for them.
+    /// Indices into this layer's input that were kept, when the layer dropped tokens and
+    /// the caller asked for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept: Option<Vec<usize>>,
 }
 
 /// What a forward pass returns besides logits.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct DecimationTrace {
+pub struct ForwardTrace {
     /// One entry per layer, in order.
     pub layers: Vec<LayerTrace>,
 }
 
-impl DecimationTrace {
-    /// Adds the trace of the next chunk of a chunked (undecimated) pass: lengths add up.
-    fn merge_chunk(&mut self, next: DecimationTrace) {
+impl ForwardTrace {
+    /// Adds the trace of the next chunk of a chunked (length-preserving) pass: lengths add up.
+    fn merge_chunk(&mut self, next: ForwardTrace) {
         if self.layers.is_empty() {
             *self = next;
             return;
@@ -211,9 +215,9 @@ impl DecimationTrace {
         }
     }
 
-    /// Sequence length leaving each layer listed in `cfg.decimating_layers`.
-    pub fn kept_per_decimating_layer(&self, cfg: &DecimationConfig) -> Vec<usize> {
-        cfg.decimating_layers
+    /// Sequence length leaving each of `layers`, in their order.
+    pub fn len_out_of(&self, layers: &[usize]) -> Vec<usize> {
+        layers
             .iter()
             .filter_map(|&l| self.layers.get(l).map(|t| t.len_out))
             .collect()
@@ -237,24 +241,54 @@ pub enum LogitsSpan {
 pub struct Interrupted;
 
 /// Options of one forward pass.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct ForwardOptions<'a> {
-    pub decimation: Option<&'a DecimationConfig>,
-    /// R: the last R tokens are never decimated (1 for generation, pred_len + 1 for PPL).
+    /// The context policy of this prefill (`None`: vanilla).
+    pub policy: Option<&'a dyn ContextPolicy>,
+    /// R: the last R tokens are never dropped (1 for generation, pred_len + 1 for PPL).
     pub protected_tail: usize,
     pub logits: LogitsSpan,
-    /// Record kept indices per decimating layer in the trace.
+    /// Record kept indices of every layer that drops tokens in the trace.
     pub record_indices: bool,
+    /// Sees each observed layer's scan inputs.
+    pub observer: Option<&'a dyn ScanObserver>,
 }
 
 impl Default for ForwardOptions<'_> {
     fn default() -> Self {
         Self {
-            decimation: None,
+            policy: None,
             protected_tail: 1,
             logits: LogitsSpan::All,
             record_indices: false,
+            observer: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ForwardOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardOptions")
+            .field("policy", &self.policy)
+            .field("protected_tail", &self.protected_tail)
+            .field("logits", &self.logits)
+            .field("record_indices", &self.record_indices)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
+}
+
+/// The layer a mixer call runs as, and the observer of the pass.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    layer: usize,
+    observer: Option<&'a dyn ScanObserver>,
+}
+
+impl<'a> Watch<'a> {
+    /// The observer, when it observes this layer.
+    fn observer(&self) -> Option<&'a dyn ScanObserver> {
+        self.observer.filter(|o| o.observes(self.layer))
     }
 }
 
@@ -270,7 +304,8 @@ struct Mixer {
     conv_weight_t: Vec<f32>,
     conv_bias: Vec<f32>,
     dt_bias: Vec<f32>,
-    /// A = −exp(A_log), `[d_inner, d_state]`.
+    /// A_log and A = −exp(A_log), `[d_inner, d_state]`.
+    a_log: Vec<f32>,
     a: Vec<f32>,
     d_skip: Vec<f32>,
     d_inner: usize,
@@ -286,17 +321,10 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// Rows `idx` of a `[rows, width]` matrix.
-fn gather_rows(src: &[f32], width: usize, idx: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(idx.len() * width);
-    for &i in idx {
-        out.extend_from_slice(&src[i * width..(i + 1) * width]);
-    }
-    out
-}
-
 /// The mixer's activations before the scan, token-major f32: in_proj output `xz`
-/// (`[rows, 2·d_inner]`), conv + SiLU output, Δ (`[rows, d_inner]`) and x_proj output.
+/// (`[rows, 2·d_inner]`), conv + SiLU output, Δ under the plan (`[rows, d_inner]`) and
+/// x_proj output.
+#[derive(Default)]
 struct PreScan {
     xz: Vec<f32>,
     x_conv: Vec<f32>,
@@ -304,26 +332,47 @@ struct PreScan {
     dbc: Vec<f32>,
 }
 
-/// Decimation work for one mixer call.
-struct DecimationStep<'a> {
-    cfg: &'a DecimationConfig,
-    /// s: position of this layer in `decimating_layers`.
-    rank: usize,
-    protected_tail: usize,
-    /// On the CPU, long inputs are scored chunk by chunk (see `forward_host_decimating`).
-    chunk: Option<usize>,
-    /// Whether the caller wants the kept indices on the host (GPU: they stay on the device
-    /// otherwise).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    record: bool,
+impl PreScan {
+    /// Appends rows `rows` of `self` to `out`: the one gather of kept tokens on the host.
+    fn append_rows(&self, rows: impl IntoIterator<Item = usize>, out: &mut PreScan, m: &Mixer) {
+        let (di, bc_width) = (m.d_inner, m.dt_rank + 2 * m.d_state);
+        for i in rows {
+            out.x_conv
+                .extend_from_slice(&self.x_conv[i * di..(i + 1) * di]);
+            out.delta
+                .extend_from_slice(&self.delta[i * di..(i + 1) * di]);
+            out.dbc
+                .extend_from_slice(&self.dbc[i * bc_width..(i + 1) * bc_width]);
+            out.xz
+                .extend_from_slice(&self.xz[i * 2 * di..(i + 1) * 2 * di]);
+        }
+    }
 }
 
-/// The tokens a decimating layer kept, on the GPU: the index tensor the gathers used, and
-/// the same indices on the host when the caller asked for them.
-#[cfg(feature = "cuda")]
-struct DeviceKept {
+/// The rows one host scan consumes: `[batch, len]`, the kept indices when the layer
+/// dropped tokens, and the observer of the pass.
+struct Scan<'a> {
+    batch: usize,
+    len: usize,
+    kept: Option<&'a [usize]>,
+    watch: Watch<'a>,
+}
+
+/// The tokens a layer kept: the index tensor (u32, on the model's device) the residual
+/// gather uses, and the same indices on the host when they were asked for (or are free).
+struct Kept {
     indices: Tensor,
     host: Option<Vec<usize>>,
+}
+
+impl Kept {
+    fn from_host(idx: Vec<usize>, device: &Device) -> Result<Self> {
+        let indices = Tensor::from_iter(idx.iter().map(|&i| i as u32), device)?;
+        Ok(Self {
+            indices,
+            host: Some(idx),
+        })
+    }
 }
 
 /// A u32 index tensor as host indices.
@@ -333,6 +382,14 @@ fn host_indices(t: &Tensor) -> Result<Vec<usize>> {
         .into_iter()
         .map(|i| i as usize)
         .collect())
+}
+
+/// Refuses a token selection on a batch: each row would keep different tokens.
+fn check_keep_batch(batch: usize) -> Result<()> {
+    if batch != 1 {
+        bail!("a plan that drops tokens needs batch size 1 (got {batch}): each row would keep different tokens");
+    }
+    Ok(())
 }
 
 impl Mixer {
@@ -374,6 +431,8 @@ impl Mixer {
                     dt_bias: Tensor::from_slice(&dt_bias, di, dev)?,
                     a: Tensor::from_slice(&a, (di, n), dev)?,
                     d_skip: Tensor::from_slice(&d_skip, di, dev)?,
+                    unit_scale: Tensor::ones(di, DType::F32, dev)?,
+                    no_filter: Tensor::full(f32::NEG_INFINITY, di, dev)?,
                     d_state: n,
                     dtype: vb.dtype(),
                 })
@@ -388,6 +447,7 @@ impl Mixer {
             conv_weight_t,
             conv_bias,
             dt_bias,
+            a_log,
             a,
             d_skip,
             d_inner: di,
@@ -399,41 +459,60 @@ impl Mixer {
         })
     }
 
+    /// A under `plan`: −exp(s·A_log) when it rescales A_log, else the model's own.
+    fn a_under(&self, plan: &LayerPlan) -> std::borrow::Cow<'_, [f32]> {
+        match plan.a_log_scale {
+            Some(s) => self.a_log.iter().map(|v| -(s * v).exp()).collect(),
+            None => std::borrow::Cow::Borrowed(&self.a),
+        }
+    }
+
     /// `h`: normalised input `[batch, len, d_model]`. Returns the mixer output
-    /// `[batch, len', d_model]` and, when the layer decimated, the kept indices.
+    /// `[batch, len', d_model]` and, when the plan dropped tokens, the kept ones.
+    /// `chunk`: CPU inputs longer than twice this choose tokens without their
+    /// full-length activations. `record`: the kept indices are wanted on the host.
     fn forward(
         &self,
         h: &Tensor,
         state: &mut LayerState,
-        decimation: Option<DecimationStep>,
-    ) -> Result<(Tensor, Option<Vec<usize>>)> {
+        plan: &LayerPlan,
+        chunk: Option<usize>,
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] record: bool,
+        watch: Watch,
+    ) -> Result<(Tensor, Option<Kept>)> {
         match state {
-            LayerState::Host { conv, ssm } => self.forward_host(h, conv, ssm, decimation),
-            LayerState::Device { .. } => self.forward_device_state(h),
+            LayerState::Host { conv, ssm } => {
+                let (out, kept) = self.forward_host(h, conv, ssm, plan, chunk, watch)?;
+                let kept = kept.map(|k| Kept::from_host(k, h.device())).transpose()?;
+                Ok((out, kept))
+            }
+            #[cfg(feature = "cuda")]
+            LayerState::Device { conv, ssm } => {
+                self.forward_device(h, conv, ssm, plan, record, watch)
+            }
+            #[cfg(not(feature = "cuda"))]
+            LayerState::Device { .. } => bail!(
+                "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature)",
+                h.device()
+            ),
         }
     }
 
-    /// A device state reaching the host loop: a model on a device this build has no
-    /// kernels for (CUDA models run their blocks in `run_blocks_device`).
-    fn forward_device_state(&self, h: &Tensor) -> Result<(Tensor, Option<Vec<usize>>)> {
-        bail!(
-            "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature)",
-            h.device()
-        )
-    }
-
     /// The mixer on the GPU: candle matmuls (cuBLAS) around the CUDA kernels of
-    /// `cuda.rs`, activations in the model dtype, every tensor on the device. Decimation
-    /// scores (‖Δ_t‖₂), chooses (top-K) and gathers on the GPU; the kept indices come to
-    /// the host only when the step asks to record them.
+    /// `cuda.rs`, activations in the model dtype, every tensor on the device. The plan's
+    /// Δ scale and filter are arguments of the fused scan and score kernels; tokens are
+    /// scored (‖Δ_t‖₂), chosen (top-K) and gathered on the GPU, and the kept indices come
+    /// to the host only when `record` asks for them.
     #[cfg(feature = "cuda")]
     fn forward_device(
         &self,
         h: &Tensor,
         conv: &mut Tensor,
         ssm: &mut Tensor,
-        decimation: Option<DecimationStep>,
-    ) -> Result<(Tensor, Option<DeviceKept>)> {
+        plan: &LayerPlan,
+        record: bool,
+        watch: Watch,
+    ) -> Result<(Tensor, Option<Kept>)> {
         let Some(p) = &self.gpu else {
             bail!("no Mamba kernels for {:?} (CPU and CUDA only)", h.device());
         };
@@ -458,34 +537,59 @@ impl Mixer {
             .matmul(&self.dt_proj_weight.t()?)?
             .contiguous()?;
         lap(&mut prof, "dt_proj");
+        let device_plan = cuda::DevicePlan::new(p, plan, &self.a_under(plan), h.device())?;
 
         let mut kept = None;
         let (mut x_conv, mut dt, mut dbc, mut xz, mut scan_len) = (x_conv, dt, dbc, xz, len);
-        if let Some(step) = decimation {
-            if batch != 1 {
-                bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
-            }
-            let budget = step.cfg.budget(step.rank, len, step.protected_tail);
+        if let Some(KeepRule {
+            keep,
+            protected_tail,
+        }) = plan.keep
+        {
+            check_keep_batch(batch)?;
             // As select_by_scores: nothing to choose unless more candidates than budget.
-            let candidates = len.saturating_sub(step.protected_tail);
-            if candidates > budget {
-                let scores = cuda::delta_norms(&dt, p)?;
-                let idx_t = cuda::select_top_k(&scores, candidates, budget, p.variant())?;
-                x_conv = x_conv.index_select(&idx_t, 0)?;
-                dt = dt.index_select(&idx_t, 0)?;
-                dbc = dbc.index_select(&idx_t, 0)?;
-                xz = xz.index_select(&idx_t, 0)?;
+            let candidates = len.saturating_sub(protected_tail);
+            if candidates > keep {
+                let scores = cuda::delta_norms(&dt, p, &device_plan)?;
+                let idx_t = cuda::select_top_k(&scores, candidates, keep, p.variant())?;
+                let gather = |t: &Tensor| t.index_select(&idx_t, 0);
+                (x_conv, dt, dbc, xz) =
+                    (gather(&x_conv)?, gather(&dt)?, gather(&dbc)?, gather(&xz)?);
                 scan_len = idx_t.dim(0)?;
-                let host = match step.record {
+                let host = match record || watch.observer().is_some() {
                     true => Some(host_indices(&idx_t)?),
                     false => None,
                 };
-                kept = Some(DeviceKept {
+                kept = Some(Kept {
                     indices: idx_t,
                     host,
                 });
             }
-            lap(&mut prof, "decimation");
+            lap(&mut prof, "token selection");
+        }
+        if let Some(observer) = watch.observer() {
+            // The observer reads the host: copy what the scan consumes, with Δ computed
+            // from dt as the scan kernel does.
+            let mut delta = to_vec_f32(&dt)?;
+            kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
+            plan.apply_to_delta(&mut delta, di);
+            let bc = to_vec_f32(&dbc)?;
+            let a = self.a_under(plan);
+            observer.on_scan(&ScanView {
+                layer: watch.layer,
+                batch,
+                len: scan_len,
+                d_inner: di,
+                d_state: n,
+                a: &a,
+                delta: &delta,
+                x: &to_vec_f32(&x_conv)?,
+                bc: &bc,
+                bc_row_stride: r + 2 * n,
+                b_offset: r,
+                c_offset: r + n,
+                kept: kept.as_ref().and_then(|k: &Kept| k.host.as_deref()),
+            })?;
         }
         let args = cuda::ScanArgs {
             batch,
@@ -499,7 +603,7 @@ impl Mixer {
             z_offset: di,
             h0: ssm,
         };
-        let (y, h1) = cuda::selective_scan(&args, p)?;
+        let (y, h1) = cuda::selective_scan(&args, p, &device_plan)?;
         *ssm = h1;
         lap(&mut prof, "scan");
         let out = self
@@ -516,68 +620,77 @@ impl Mixer {
         h: &Tensor,
         conv_state: &mut [f32],
         ssm_state: &mut [f32],
-        decimation: Option<DecimationStep>,
+        plan: &LayerPlan,
+        chunk: Option<usize>,
+        watch: Watch,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         let (batch, len, _) = h.dims3()?;
-        if let Some(chunk) = decimation.as_ref().and_then(|s| s.chunk) {
-            if batch == 1 && len > 2 * chunk {
-                return self.forward_host_decimating(
+        if let Some(rule) = plan.keep {
+            check_keep_batch(batch)?;
+            if let Some(chunk) = chunk.filter(|&c| len > 2 * c) {
+                return self.forward_host_selecting(
                     h,
-                    conv_state,
-                    ssm_state,
-                    decimation.unwrap(),
-                    chunk,
+                    (conv_state, ssm_state),
+                    plan,
+                    (rule, chunk),
+                    watch,
                 );
             }
         }
-        let (di, bc_width) = (self.d_inner, self.dt_rank + 2 * self.d_state);
-        let PreScan {
-            xz: xz_vec,
-            x_conv,
-            mut delta,
-            dbc: mut dbc_vec,
-        } = self.pre_scan(h, conv_state)?;
-
+        let mut pre = self.pre_scan(h, conv_state, plan)?;
         let mut kept = None;
-        let (mut x_conv, mut xz_vec, mut scan_len) = (x_conv, xz_vec, len);
-        if let Some(step) = decimation {
-            if batch != 1 {
-                bail!("decimation needs batch size 1 (got {batch}), as in the reference implementation");
-            }
-            let budget = step.cfg.budget(step.rank, len, step.protected_tail);
-            if let Some(idx) = select_tokens(&delta, di, budget, step.protected_tail) {
-                x_conv = gather_rows(&x_conv, di, &idx);
-                delta = gather_rows(&delta, di, &idx);
-                dbc_vec = gather_rows(&dbc_vec, bc_width, &idx);
-                xz_vec = gather_rows(&xz_vec, 2 * di, &idx);
-                scan_len = idx.len();
+        if let Some(rule) = plan.keep {
+            let scores = token_scores(&pre.delta, self.d_inner);
+            if let Some(idx) = select_by_scores(&scores, rule.keep, rule.protected_tail) {
+                let mut gathered = PreScan::default();
+                pre.append_rows(idx.iter().copied(), &mut gathered, self);
+                pre = gathered;
                 kept = Some(idx);
             }
         }
-
-        let pre = PreScan {
-            xz: xz_vec,
-            x_conv,
-            delta,
-            dbc: dbc_vec,
+        let scan_len = kept.as_ref().map_or(len, Vec::len);
+        let scan = Scan {
+            batch,
+            len: scan_len,
+            kept: kept.as_deref(),
+            watch,
         };
-        let out = self.scan_and_project(&pre, batch, scan_len, ssm_state, h)?;
+        let out = self.scan_and_project(&pre, &scan, ssm_state, h, plan)?;
         Ok((out, kept))
     }
 
     /// The selective scan over `pre` (rows `[batch, scan_len]`, from `pre_scan` and
     /// possibly gathered), gated, then out_proj: the mixer output `[batch, scan_len, d_model]`
-    /// in the dtype of `h`.
+    /// in the dtype of `h`. The observer sees `pre` first.
     fn scan_and_project(
         &self,
         pre: &PreScan,
-        batch: usize,
-        scan_len: usize,
+        scan: &Scan,
         ssm_state: &mut [f32],
         h: &Tensor,
+        plan: &LayerPlan,
     ) -> Result<Tensor> {
+        let (batch, scan_len) = (scan.batch, scan.len);
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let bc_width = r + 2 * n;
+        let a = self.a_under(plan);
+        if let Some(observer) = scan.watch.observer() {
+            observer.on_scan(&ScanView {
+                layer: scan.watch.layer,
+                batch,
+                len: scan_len,
+                d_inner: di,
+                d_state: n,
+                a: &a,
+                delta: &pre.delta,
+                x: &pre.x_conv,
+                bc: &pre.dbc,
+                bc_row_stride: bc_width,
+                b_offset: r,
+                c_offset: r + n,
+                kept: scan.kept,
+            })?;
+        }
         let inputs = ScanInputs {
             batch,
             len: scan_len,
@@ -593,7 +706,7 @@ impl Mixer {
             z: &pre.xz[di..],
             z_batch_stride: scan_len * 2 * di,
             z_row_stride: 2 * di,
-            a: &self.a,
+            a: &a,
             d_skip: &self.d_skip,
         };
         let y = kernels::selective_scan(&inputs, ssm_state);
@@ -606,13 +719,14 @@ impl Mixer {
     }
 
     /// Everything before the scan for `h` (`[batch, len, d_model]`): in_proj, the causal
-    /// conv + SiLU continuing from `conv_state` (updated), x_proj and Δ.
-    fn pre_scan(&self, h: &Tensor, conv_state: &mut [f32]) -> Result<PreScan> {
+    /// conv + SiLU continuing from `conv_state` (updated), x_proj, and Δ with the plan's
+    /// scale and filter applied.
+    fn pre_scan(&self, h: &Tensor, conv_state: &mut [f32], plan: &LayerPlan) -> Result<PreScan> {
         let (batch, len, d_model) = h.dims3()?;
         let (di, r) = (self.d_inner, self.dt_rank);
         let xz = self.in_proj.forward(&h.reshape((batch * len, d_model))?)?;
         let xz = to_vec_f32(&xz)?;
-        // Causal conv + SiLU over the full sequence (the decimation cut comes after it).
+        // Causal conv + SiLU over the full sequence (a token selection comes after it).
         let x_conv = kernels::causal_conv_silu(
             ConvInput {
                 data: &xz,
@@ -633,6 +747,7 @@ impl Mixer {
         let dt = linear(&dbc.narrow(1, 0, r)?.contiguous()?, &self.dt_proj_weight)?;
         let mut delta = to_vec_f32(&dt)?;
         kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
+        plan.apply_to_delta(&mut delta, di);
         Ok(PreScan {
             xz,
             x_conv,
@@ -641,59 +756,57 @@ impl Mixer {
         })
     }
 
-    /// A decimating layer on a long CPU input (batch 1) without its full-length activations:
-    /// pass 1 runs in_proj → conv → Δ chunk by chunk and keeps only the ‖Δ_t‖₂ scores;
-    /// pass 2 recomputes the chunks and keeps the rows of the selected tokens. The result
-    /// equals the one-pass layer; memory is O(chunk + kept) · d_inner instead of O(L · d_inner),
-    /// for one extra in_proj of the sequence.
-    fn forward_host_decimating(
+    /// A token-selecting layer on a long CPU input (batch 1) without its full-length
+    /// activations: pass 1 runs in_proj → conv → Δ chunk by chunk and keeps only the
+    /// ‖Δ_t‖₂ scores; pass 2 recomputes the chunks and keeps the rows of the selected
+    /// tokens. The result equals the one-pass layer; memory is O(chunk + kept) · d_inner
+    /// instead of O(L · d_inner), for one extra in_proj of the sequence.
+    fn forward_host_selecting(
         &self,
         h: &Tensor,
-        conv_state: &mut [f32],
-        ssm_state: &mut [f32],
-        step: DecimationStep,
-        chunk: usize,
+        (conv_state, ssm_state): (&mut [f32], &mut [f32]),
+        plan: &LayerPlan,
+        (rule, chunk): (KeepRule, usize),
+        watch: Watch,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         let len = h.dim(1)?;
-        let (di, bc_width) = (self.d_inner, self.dt_rank + 2 * self.d_state);
         let history = conv_state.to_vec();
         let mut scores = Vec::with_capacity(len);
         for start in (0..len).step_by(chunk) {
             let rows = chunk.min(len - start);
-            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state)?;
-            scores.extend(token_scores(&pre.delta, di));
+            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state, plan)?;
+            scores.extend(token_scores(&pre.delta, self.d_inner));
         }
-        let budget = step.cfg.budget(step.rank, len, step.protected_tail);
-        let selected = select_by_scores(&scores, budget, step.protected_tail);
+        let selected = select_by_scores(&scores, rule.keep, rule.protected_tail);
         let kept: Vec<usize> = selected.clone().unwrap_or_else(|| (0..len).collect());
         conv_state.copy_from_slice(&history);
-        let (mut x_conv, mut delta, mut dbc, mut xz) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut gathered = PreScan::default();
         let mut next = 0;
         for start in (0..len).step_by(chunk) {
             let rows = chunk.min(len - start);
-            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state)?;
+            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state, plan)?;
+            let first = next;
             while next < kept.len() && kept[next] < start + rows {
-                let i = kept[next] - start;
-                x_conv.extend_from_slice(&pre.x_conv[i * di..(i + 1) * di]);
-                delta.extend_from_slice(&pre.delta[i * di..(i + 1) * di]);
-                dbc.extend_from_slice(&pre.dbc[i * bc_width..(i + 1) * bc_width]);
-                xz.extend_from_slice(&pre.xz[i * 2 * di..(i + 1) * 2 * di]);
                 next += 1;
             }
+            pre.append_rows(
+                kept[first..next].iter().map(|&i| i - start),
+                &mut gathered,
+                self,
+            );
         }
-        let pre = PreScan {
-            xz,
-            x_conv,
-            delta,
-            dbc,
+        let scan = Scan {
+            batch: 1,
+            len: kept.len(),
+            kept: selected.as_deref(),
+            watch,
         };
-        let out = self.scan_and_project(&pre, 1, kept.len(), ssm_state, h)?;
+        let out = self.scan_and_project(&gathered, &scan, ssm_state, h, plan)?;
         Ok((out, selected))
     }
 
     /// Keeps the last `d_conv − 1` pre-conv inputs of this layer's full input for the next
-    /// call (the reference takes decode's conv state from the undecimated sequence too).
+    /// call (decode continues from the full input, even when the scan ran on kept tokens).
     fn update_conv_window(&self, xz: &[f32], batch: usize, len: usize, conv: &mut [f32]) {
         let (di, w) = (self.d_inner, self.d_conv - 1);
         if w == 0 {
@@ -722,7 +835,7 @@ struct Block {
 /// (a few × L × d_inner floats) around cache size instead of growing with the prompt.
 const CPU_PREFILL_CHUNK: usize = 2048;
 
-/// DeciMamba's top-K choice made by the CUDA kernel the GPU prefill uses, for tests that
+/// The keep rule's top-K choice made by the CUDA kernel the GPU prefill uses, for tests that
 /// hold it to [`select_by_scores`]: the `keep` highest of `scores[..candidates]`
 /// (ties to the earlier position), ascending, then `candidates..len`.
 #[cfg(feature = "cuda")]
@@ -749,6 +862,24 @@ pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
     return cuda::profile::take();
     #[cfg(not(feature = "cuda"))]
     Vec::new()
+}
+
+/// Asks the policy for each layer's plan. A chunk of a longer input is planned at the
+/// whole input's length (`whole_len`), so that every chunk runs the same plans.
+#[derive(Clone, Copy)]
+struct Planner<'a> {
+    policy: Option<&'a dyn ContextPolicy>,
+    protected_tail: usize,
+    whole_len: Option<usize>,
+}
+
+impl Planner<'_> {
+    fn plan(&self, layer: usize, len: usize) -> LayerPlan {
+        match self.policy {
+            None => LayerPlan::default(),
+            Some(p) => p.plan(layer, self.whole_len.unwrap_or(len), self.protected_tail),
+        }
+    }
 }
 
 /// A Mamba-1 language model.
@@ -905,15 +1036,30 @@ impl MambaModel {
     }
 
     /// Runs `ids` (`[batch, len]`, u32) through the model, continuing from `state` and
-    /// leaving the final recurrent state in it. With decimation, layers listed in the
-    /// config shrink the sequence (DeciMamba, Ben-Kish et al. 2025, §4); the logits then
-    /// belong to the kept positions, whose last `protected_tail` are the input's last.
+    /// leaving the final recurrent state in it, under `opts.policy`'s plans. When a plan
+    /// drops tokens the logits belong to the kept
+    /// positions, whose last `protected_tail` are the input's last.
     pub fn forward_with_state(
         &self,
         ids: &Tensor,
         state: &mut InferenceState,
         opts: &ForwardOptions,
-    ) -> Result<(Option<Tensor>, DecimationTrace)> {
+    ) -> Result<(Option<Tensor>, ForwardTrace)> {
+        if let Some(policy) = opts.policy {
+            policy.check(&self.config)?;
+        }
+        self.forward_planned(ids, state, opts, None)
+    }
+
+    /// [`Self::forward_with_state`] for a whole input, or (`whole_len` set) for one chunk
+    /// of an input of `whole_len` tokens, whose plans are the whole input's.
+    fn forward_planned(
+        &self,
+        ids: &Tensor,
+        state: &mut InferenceState,
+        opts: &ForwardOptions,
+        whole_len: Option<usize>,
+    ) -> Result<(Option<Tensor>, ForwardTrace)> {
         let (batch, len) = ids.dims2().context("token ids must be [batch, len]")?;
         if batch != state.batch {
             bail!(
@@ -924,12 +1070,19 @@ impl MambaModel {
         if len == 0 {
             bail!("cannot run the model on an empty sequence");
         }
-        if let Some(cfg) = opts.decimation {
-            cfg.validate(self.config.n_layer)?;
-        }
-        let chunk = self.prefill_chunk.filter(|_| self.device.is_cpu());
-        if let Some(chunk) = chunk.filter(|&c| opts.decimation.is_none() && len > 2 * c) {
-            return self.forward_in_chunks(ids, state, opts, chunk);
+        let whole = Planner {
+            policy: opts.policy,
+            protected_tail: opts.protected_tail,
+            whole_len: Some(whole_len.unwrap_or(len)),
+        };
+        // Layers before the first one that drops tokens see the whole input.
+        let first_keep = match opts.policy {
+            None => None,
+            Some(_) => (0..self.layers.len()).find(|&i| whole.plan(i, len).keep.is_some()),
+        };
+        let chunk = self.cpu_chunk();
+        if let Some(chunk) = chunk.filter(|&c| first_keep.is_none() && len > 2 * c) {
+            return self.forward_in_chunks(ids, state, opts, chunk, whole_len.unwrap_or(len));
         }
         let max_id = ids
             .max_keepdim(1)?
@@ -947,38 +1100,35 @@ impl MambaModel {
         } else {
             self.dtype
         };
-        let first_decimating = opts
-            .decimation
-            .and_then(|c| c.decimating_layers.iter().min().copied());
-        let (residual, mut trace, start_layer) = match first_decimating {
-            // The layers before the first decimating one are vanilla: on the CPU they run in
-            // chunks with the state carried, and only their output (the residual stream)
-            // is kept whole for the decimating layer, which must score every token.
+        let (residual, mut trace, start_layer) = match first_keep {
+            // The layers before the first token-dropping one keep every token: on the CPU
+            // they run in chunks with the state carried, and only their output (the
+            // residual stream) is kept whole for the layer that must score every token.
             Some(first) if first > 0 && chunk.is_some_and(|c| len > 2 * c) => {
                 let chunk = chunk.unwrap_or(len);
                 let mut pieces = Vec::new();
-                let mut trace = DecimationTrace::default();
+                let mut trace = ForwardTrace::default();
                 let mut start = 0;
                 while start < len {
                     let end = (start + chunk).min(len);
                     let piece = self.embed(&ids.narrow(1, start, end - start)?, residual_dtype)?;
-                    let mut t = DecimationTrace::default();
-                    pieces.push(self.run_blocks(piece, 0..first, state, opts, &mut t)?);
+                    let mut t = ForwardTrace::default();
+                    pieces.push(self.run_blocks(piece, 0..first, state, &whole, opts, &mut t)?);
                     trace.merge_chunk(t);
                     start = end;
                 }
                 (Tensor::cat(&pieces, 1)?, trace, first)
             }
-            _ => (
-                self.embed(ids, residual_dtype)?,
-                DecimationTrace::default(),
-                0,
-            ),
+            _ => (self.embed(ids, residual_dtype)?, ForwardTrace::default(), 0),
         };
+        // A whole input is planned at each layer's own input length; a chunk at the
+        // whole input's.
+        let planner = Planner { whole_len, ..whole };
         let residual = self.run_blocks(
             residual,
             start_layer..self.layers.len(),
             state,
+            &planner,
             opts,
             &mut trace,
         )?;
@@ -1014,144 +1164,122 @@ impl MambaModel {
             .to_dtype(residual_dtype)?)
     }
 
-    /// What layer `i` does about decimation under `opts`: `None` when it does not decimate.
-    fn decimation_step<'a>(
-        &self,
-        opts: &ForwardOptions<'a>,
-        i: usize,
-    ) -> Option<DecimationStep<'a>> {
-        opts.decimation.and_then(|cfg| {
-            cfg.rank_of(i).map(|rank| DecimationStep {
-                cfg,
-                rank,
-                protected_tail: opts.protected_tail,
-                chunk: self.prefill_chunk.filter(|_| self.device.is_cpu()),
-                record: opts.record_indices,
-            })
-        })
+    /// The chunk length of long CPU inputs (none on a GPU).
+    fn cpu_chunk(&self) -> Option<usize> {
+        self.prefill_chunk.filter(|_| self.device.is_cpu())
     }
 
-    /// Runs the blocks in `layers` (Add → Norm → Mixer, decimating where the options say)
-    /// on the residual stream, appending one trace entry per layer.
+    /// Runs the blocks in `layers` (Add → Norm → Mixer under each layer's plan) on the
+    /// residual stream, appending one trace entry per layer. Each mixer's output is added
+    /// at the next block's norm: on the GPU one kernel does both, and the residual stream
+    /// stays f32 there (rounded to the model dtype after each add when the checkpoint
+    /// does not keep it in f32).
     fn run_blocks(
-        &self,
-        mut residual: Tensor,
-        layers: std::ops::Range<usize>,
-        state: &mut InferenceState,
-        opts: &ForwardOptions,
-        trace: &mut DecimationTrace,
-    ) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda() {
-            return self.run_blocks_device(residual, layers, state, opts, trace);
-        }
-        let residual_dtype = residual.dtype();
-        for i in layers {
-            self.check_cancel()?;
-            let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
-            let len_in = residual.dim(1)?;
-            let step = self.decimation_step(opts, i);
-            let normed = block.norm.forward(&residual)?.to_dtype(self.dtype)?;
-            let (out, kept) = block.mixer.forward(&normed, layer_state, step)?;
-            if let Some(idx) = &kept {
-                let idx_t = Tensor::from_iter(idx.iter().map(|&i| i as u32), &self.device)?;
-                residual = residual.index_select(&idx_t, 1)?;
-            }
-            residual = (residual + out.to_dtype(residual_dtype)?)?;
-            trace.layers.push(LayerTrace {
-                layer: i,
-                len_in,
-                len_out: residual.dim(1)?,
-                kept: if opts.record_indices { kept } else { None },
-            });
-        }
-        Ok(residual)
-    }
-
-    /// [`Self::run_blocks`] on the GPU: the residual stream stays f32 (rounded to the
-    /// model dtype after each add when the checkpoint does not keep it in f32), and each
-    /// block's Add → Norm is one kernel that also adds the previous mixer's output.
-    #[cfg(feature = "cuda")]
-    fn run_blocks_device(
         &self,
         residual: Tensor,
         layers: std::ops::Range<usize>,
         state: &mut InferenceState,
+        planner: &Planner,
         opts: &ForwardOptions,
-        trace: &mut DecimationTrace,
+        trace: &mut ForwardTrace,
     ) -> Result<Tensor> {
-        let round_res = self.rounds_residual();
-        let d_model = self.config.d_model;
-        let mut residual = residual.to_dtype(DType::F32)?;
-        // The last mixer's output, added at the next block's norm (or at the end).
-        let mut pending: Option<(Tensor, usize)> = None;
+        let mut residual = match self.device.is_cuda() {
+            true => residual.to_dtype(DType::F32)?,
+            false => residual,
+        };
+        let mut pending: Option<Tensor> = None;
+        let mut last = None;
         for i in layers {
             self.check_cancel()?;
-            let (block, layer_state) = (&self.layers[i], &mut state.layers[i]);
-            let params = block
+            let len_in = residual.dim(1)?;
+            let plan = planner.plan(i, len_in);
+            let normed = self.add_and_norm(&mut residual, pending.take(), Some(i))?;
+            let (out, kept) = self.layers[i].mixer.forward(
+                &normed,
+                &mut state.layers[i],
+                &plan,
+                self.cpu_chunk(),
+                opts.record_indices,
+                Watch {
+                    layer: i,
+                    observer: opts.observer,
+                },
+            )?;
+            let mut recorded = None;
+            if let Some(k) = kept {
+                #[cfg(feature = "cuda")]
+                let mut prof = cuda::profile::start(&self.device);
+                residual = residual.index_select(&k.indices, 1)?;
+                #[cfg(feature = "cuda")]
+                cuda::profile::lap(&mut prof, "residual gather");
+                recorded = k.host.filter(|_| opts.record_indices);
+            }
+            trace.layers.push(LayerTrace {
+                layer: i,
+                len_in,
+                len_out: out.dim(1)?,
+                kept: recorded,
+            });
+            pending = Some(out);
+            last = Some(i);
+        }
+        if let Some(out) = pending {
+            let _ = last;
+            self.add_and_norm(&mut residual, Some(out), None)?;
+        }
+        Ok(residual)
+    }
+
+    /// Adds the previous mixer's output (`pending`) to the residual stream and returns
+    /// layer `norm_of`'s norm of the sum (with `None`, only adds).
+    fn add_and_norm(
+        &self,
+        residual: &mut Tensor,
+        pending: Option<Tensor>,
+        norm_of: Option<usize>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            let (batch, len, d_model) = residual.dims3()?;
+            let params = self.layers[norm_of.unwrap_or(0)]
                 .mixer
                 .gpu
                 .as_ref()
                 .context("layer has no CUDA parameters")?;
-            let (batch, len_in, _) = residual.dims3()?;
-            let step = self.decimation_step(opts, i);
-            let rows = residual.reshape((batch * len_in, d_model))?;
+            let norm = match norm_of {
+                Some(i) => self.layers[i].norm.as_ref(),
+                None => self.norm_f.as_ref(),
+            };
             let delta = match &pending {
-                Some((out, _)) => Some(out.reshape((batch * len_in, d_model))?),
+                Some(out) => Some(out.reshape((batch * len, d_model))?),
                 None => None,
             };
             let mut prof = cuda::profile::start(&self.device);
             let (new_res, normed) = cuda::add_norm(
-                &rows,
-                delta.as_ref(),
-                block.norm.as_ref(),
-                params,
-                round_res,
-                true,
-            )?;
-            residual = new_res.reshape((batch, len_in, d_model))?;
-            cuda::profile::lap(&mut prof, "add_norm");
-            let normed = normed
-                .context("add_norm returned no norm")?
-                .reshape((batch, len_in, d_model))?;
-            let LayerState::Device { conv, ssm } = layer_state else {
-                bail!("a CUDA model needs a state made by its own new_state");
-            };
-            let (out, kept) = block.mixer.forward_device(&normed, conv, ssm, step)?;
-            let mut recorded = None;
-            if let Some(k) = kept {
-                let mut prof = cuda::profile::start(&self.device);
-                residual = residual.index_select(&k.indices, 1)?;
-                cuda::profile::lap(&mut prof, "residual gather");
-                recorded = k.host;
-            }
-            let len_out = out.dim(1)?;
-            pending = Some((out, i));
-            trace.layers.push(LayerTrace {
-                layer: i,
-                len_in,
-                len_out,
-                kept: recorded,
-            });
-        }
-        if let Some((out, i)) = pending {
-            let (batch, len, _) = residual.dims3()?;
-            let params = self.layers[i]
-                .mixer
-                .gpu
-                .as_ref()
-                .context("no CUDA parameters")?;
-            let (new_res, _) = cuda::add_norm(
                 &residual.reshape((batch * len, d_model))?,
-                Some(&out.reshape((batch * len, d_model))?),
-                self.norm_f.as_ref(),
+                delta.as_ref(),
+                norm,
                 params,
-                round_res,
-                false,
+                self.rounds_residual(),
+                norm_of.is_some(),
             )?;
-            residual = new_res.reshape((batch, len, d_model))?;
+            cuda::profile::lap(&mut prof, "add_norm");
+            *residual = new_res.reshape((batch, len, d_model))?;
+            return match normed {
+                Some(n) => Ok(n.reshape((batch, len, d_model))?),
+                None => Ok(residual.clone()),
+            };
         }
-        Ok(residual)
+        if let Some(out) = pending {
+            *residual = (&*residual + out.to_dtype(residual.dtype())?)?;
+        }
+        match norm_of {
+            Some(i) => Ok(self.layers[i]
+                .norm
+                .forward(residual)?
+                .to_dtype(self.dtype)?),
+            None => Ok(residual.clone()),
+        }
     }
 
     /// Whether the residual stream is rounded to the model dtype after each add (the
@@ -1161,25 +1289,27 @@ impl MambaModel {
         !self.config.residual_in_fp32 && self.dtype != DType::F32
     }
 
-    /// Vanilla forward of a long sequence as consecutive chunks with the state carried: the
-    /// same result as one pass (the recurrence is exact across chunk boundaries), with
-    /// activations bounded by the chunk and kept cache-sized.
+    /// A long sequence whose plans keep every token, as consecutive chunks with the state
+    /// carried: the same result as one pass (the recurrence is exact across chunk
+    /// boundaries, and every chunk gets the whole input's plans), with activations
+    /// bounded by the chunk and kept cache-sized.
     fn forward_in_chunks(
         &self,
         ids: &Tensor,
         state: &mut InferenceState,
         opts: &ForwardOptions,
         chunk: usize,
-    ) -> Result<(Option<Tensor>, DecimationTrace)> {
+        whole_len: usize,
+    ) -> Result<(Option<Tensor>, ForwardTrace)> {
         let len = ids.dim(1)?;
-        // Output positions wanted, as a range of the input (no decimation: they coincide).
+        // Output positions wanted, as a range of the input (no token dropped: they coincide).
         let wanted = match opts.logits {
             LogitsSpan::All => 0..len,
             LogitsSpan::Last(n) => len - n.min(len)..len,
             LogitsSpan::None => len..len,
         };
         let mut pieces = Vec::new();
-        let mut trace = DecimationTrace::default();
+        let mut trace = ForwardTrace::default();
         let mut start = 0;
         while start < len {
             let end = (start + chunk).min(len);
@@ -1193,8 +1323,12 @@ impl MambaModel {
                 logits: span,
                 ..*opts
             };
-            let (logits, t) =
-                self.forward_with_state(&ids.narrow(1, start, end - start)?, state, &sub)?;
+            let (logits, t) = self.forward_planned(
+                &ids.narrow(1, start, end - start)?,
+                state,
+                &sub,
+                Some(whole_len),
+            )?;
             pieces.extend(logits);
             trace.merge_chunk(t);
             start = end;
@@ -1207,7 +1341,7 @@ impl MambaModel {
         Ok((logits, trace))
     }
 
-    /// Logits for every position of `ids` (`[batch, len]`) from a fresh state, no decimation.
+    /// Logits for every position of `ids` (`[batch, len]`) from a fresh state, vanilla.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let mut state = self.new_state(ids.dim(0)?);
         let (logits, _) = self.forward_with_state(ids, &mut state, &ForwardOptions::default())?;
@@ -1246,7 +1380,8 @@ impl MambaModel {
         Ok(last.context("no logits")?.squeeze(1)?)
     }
 
-    /// One decode step: `ids` holds one token per sequence. Never decimates.
+    /// One decode step: `ids` holds one token per sequence. Plans never apply to decode
+    /// (as in every official code of the methods).
     pub fn step(&self, ids: &[u32], state: &mut InferenceState) -> Result<Tensor> {
         if ids.len() != state.batch {
             bail!(

@@ -74,3 +74,47 @@ impl Values for Tensor {
             .unwrap()
     }
 }
+
+/// The context-extension method fixtures of scripts/method_reference.py that run the
+/// tiny-rms-hf model on one input under one policy.
+pub const METHOD_CASES: &[&str] = &[
+    "mambaextend_layer",
+    "mambaextend_channel",
+    "modulation",
+    "longmamba_inference",
+    "longmamba_short",
+];
+
+/// A method fixture: its input row, policy, logits `[len, vocab]` flattened and NLL of each
+/// next token.
+pub struct MethodCase {
+    pub ids: Vec<u32>,
+    pub policy: decimamba::Policy,
+    pub logits: Vec<f32>,
+    pub nll: Vec<f32>,
+    pub raw: Value,
+}
+
+pub fn method_case(name: &str) -> MethodCase {
+    let raw = json(&format!("methods/{name}.json"));
+    MethodCase {
+        ids: ids_of(&raw["input_ids"]).remove(0),
+        policy: decimamba::Policy::from_json(raw["policy"].clone()).unwrap(),
+        logits: floats(&raw["logits"]),
+        nll: floats(&raw["nll"]),
+        raw,
+    }
+}
+
+/// NLL of each next token from logits `[len, vocab]` (flattened) of input `ids`.
+pub fn next_token_nll(logits: &[f32], ids: &[u32]) -> Vec<f32> {
+    let vocab = logits.len() / ids.len();
+    (0..ids.len() - 1)
+        .map(|t| {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            lse - row[ids[t + 1] as usize]
+        })
+        .collect()
+}

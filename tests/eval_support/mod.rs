@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use decimamba::decimation::DecimationConfig;
 use decimamba::eval::{EvalModel, GreedyOutput, TailScore};
+use decimamba::Policy;
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,8 +89,9 @@ impl EvalModel for FakeModel {
         &self,
         prompt: &[u32],
         max_new_tokens: usize,
-        decimation: Option<&DecimationConfig>,
+        policy: &Policy,
     ) -> Result<GreedyOutput> {
+        let decimation = policy.decimation();
         self.tick(prompt.len(), decimation.is_some())?;
         let text = self.decode(prompt)?;
         let found = text.find(NEEDLE_LEAD).map(|pos| {
@@ -125,12 +127,8 @@ impl EvalModel for FakeModel {
         })
     }
 
-    fn score_tail(
-        &self,
-        window: &[u32],
-        pred_len: usize,
-        decimation: Option<&DecimationConfig>,
-    ) -> Result<TailScore> {
+    fn score_tail(&self, window: &[u32], pred_len: usize, policy: &Policy) -> Result<TailScore> {
+        let decimation = policy.decimation();
         self.tick(window.len(), decimation.is_some())?;
         let n = self.wrong_nll_count.unwrap_or(pred_len);
         Ok(TailScore {

@@ -5,9 +5,13 @@
 //! the S6 step size: a small Δ means the layer nearly skips the token, paper §4). The layer
 //! keeps the top K = int(max(min(L − R, L_base·β^s), min_seq_len)) candidates in position
 //! order plus the R protected tail tokens, and the scan and all later layers run on that
-//! shorter sequence. This matches `get_non_decimated_indices` of the authors' code.
+//! shorter sequence. This matches `get_non_decimated_indices` of the authors' code
+//! (assafbk/DeciMamba, `mamba_ssm/modules/mamba_simple.py`).
 
-use crate::cli::common::DecimationArgs;
+pub use super::select::{select_by_scores, select_tokens, token_scores};
+
+use super::{ContextPolicy, KeepRule, LayerPlan};
+use crate::model::MambaConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -38,24 +42,31 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
     (
         "passkey",
         "passkey retrieval (authors' eval: layer 12, β 0.5, L_base 2000)",
-        include_str!("../configs/passkey.json"),
+        include_str!("../../configs/passkey.json"),
     ),
     (
         "pg19",
         "PG-19 perplexity (authors' eval: layers 12-20, β 0.83, L_base 8000)",
-        include_str!("../configs/pg19.json"),
+        include_str!("../../configs/pg19.json"),
     ),
     (
         "doc-retrieval",
         "multi-document retrieval (authors' eval: layer 12, β 0.5, L_base 6000)",
-        include_str!("../configs/doc-retrieval.json"),
+        include_str!("../../configs/doc-retrieval.json"),
     ),
 ];
 
 impl DecimationConfig {
     /// Parses a JSON config with the authors' key names.
+    /// A `method` key, if present, must say `decimamba`.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        serde_json::from_str(text).context("invalid decimation config")
+        match super::Policy::from_json_str(text).context("invalid decimation config")? {
+            super::Policy::DeciMamba(cfg) => Ok(cfg),
+            other => bail!(
+                "expected a decimation config, got a {} policy",
+                other.name()
+            ),
+        }
     }
 
     /// The zero-shot default the authors recommend (GitHub issue #4): one decimating layer
@@ -131,51 +142,37 @@ impl DecimationConfig {
     }
 }
 
-/// ‖Δ_t‖₂ over the channels of each token of `delta` (`[len, d_inner]`, token-major),
-/// accumulated in f64 so the ranking does not depend on how rows are split into chunks.
-pub fn token_scores(delta: &[f32], d_inner: usize) -> Vec<f32> {
-    delta
-        .chunks_exact(d_inner)
-        .map(|row| {
-            row.iter()
-                .map(|&v| (v as f64) * (v as f64))
-                .sum::<f64>()
-                .sqrt() as f32
-        })
-        .collect()
-}
-
-/// Indices (ascending) a decimating layer keeps given each token's score, or `None` when
-/// it keeps everything. The last `tail` tokens are always kept and never compete; of the
-/// others the `keep` with the largest scores stay. Ties are broken towards the earlier
-/// position, so results never depend on the sort.
-pub fn select_by_scores(scores: &[f32], keep: usize, tail: usize) -> Option<Vec<usize>> {
-    let len = scores.len();
-    let candidates = len.saturating_sub(tail);
-    if candidates <= keep {
-        return None;
+impl ContextPolicy for DecimationConfig {
+    fn name(&self) -> &str {
+        super::DECIMAMBA
     }
-    let mut order: Vec<usize> = (0..candidates).collect();
-    let by_score = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
-    // Partial selection, then sort only the kept part: O(L + K log K).
-    if keep > 0 {
-        order.select_nth_unstable_by(keep - 1, by_score);
-    }
-    let mut kept: Vec<usize> = order[..keep].to_vec();
-    kept.sort_unstable();
-    kept.extend(candidates..len);
-    Some(kept)
-}
 
-/// Indices (ascending) a decimating layer keeps, or `None` when it keeps everything:
-/// [`select_by_scores`] on [`token_scores`] of `delta` (Δ after softplus, `[len, d_inner]`).
-pub fn select_tokens(
-    delta: &[f32],
-    d_inner: usize,
-    keep: usize,
-    tail: usize,
-) -> Option<Vec<usize>> {
-    select_by_scores(&token_scores(delta, d_inner), keep, tail)
+    fn check(&self, config: &MambaConfig) -> Result<()> {
+        self.validate(config.n_layer)
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("a decimation config serialises");
+        v.as_object_mut()
+            .expect("an object")
+            .insert("method".into(), super::DECIMAMBA.into());
+        v
+    }
+
+    /// The s-th decimating layer keeps the top-K of ‖Δ_t‖₂ with K from [`Self::budget`].
+    fn plan(&self, layer: usize, current_len: usize, protected_tail: usize) -> LayerPlan {
+        LayerPlan {
+            keep: self.rank_of(layer).map(|rank| KeepRule {
+                keep: self.budget(rank, current_len, protected_tail),
+                protected_tail,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn reported_layers(&self) -> &[usize] {
+        &self.decimating_layers
+    }
 }
 
 /// Parses "12", "12,14", "12-20" or "12..=20" into layer indices.
@@ -220,8 +217,22 @@ pub struct ModelDefaults {
     pub train_len: usize,
 }
 
+/// The default when decimation is wanted but not named: the model's shipped preset, else
+/// the zero-shot rule.
+pub fn default_config(model: &ModelDefaults) -> DecimationConfig {
+    model
+        .preset
+        .clone()
+        .unwrap_or_else(|| DecimationConfig::zero_shot(model.n_layer, model.train_len))
+}
+
+/// Whether `name` names a DeciMamba preset (built-in, `model` or `zero-shot`).
+pub fn is_preset(name: &str) -> bool {
+    PRESETS.iter().any(|p| p.0 == name) || name == "model" || name == "zero-shot"
+}
+
 /// The preset or file named by `--decimation`, before overrides.
-fn named_config(name: &str, model: &ModelDefaults) -> Result<DecimationConfig> {
+pub fn named_config(name: &str, model: &ModelDefaults) -> Result<DecimationConfig> {
     if let Some((_, _, json)) = PRESETS.iter().find(|(n, _, _)| *n == name) {
         return DecimationConfig::from_json_str(json);
     }
@@ -244,85 +255,23 @@ fn named_config(name: &str, model: &ModelDefaults) -> Result<DecimationConfig> {
             }
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read decimation config {path}"))?;
-            DecimationConfig::from_json_str(crate::eval::common::strip_bom(&text))
-                .with_context(|| format!("in {path}"))
+            match super::Policy::from_json_str(crate::eval::common::strip_bom(&text))
+                .with_context(|| format!("in {path}"))?
+            {
+                super::Policy::DeciMamba(cfg) => Ok(cfg),
+                other => bail!(
+                    "{path} is a {} policy, not a decimation config: pass it with --policy",
+                    other.name()
+                ),
+            }
         }
     }
-}
-
-fn apply_overrides(mut cfg: DecimationConfig, args: &DecimationArgs) -> Result<DecimationConfig> {
-    if let Some(l) = &args.deci_layers {
-        cfg.decimating_layers = parse_layers(l)?;
-    }
-    if let Some(b) = args.deci_beta {
-        cfg.decimation_beta = b;
-    }
-    if let Some(l) = args.deci_lbase {
-        cfg.decimation_max_p_l_base = l;
-    }
-    if let Some(m) = args.deci_min_len {
-        cfg.decimation_min_seq_len = m;
-    }
-    Ok(cfg)
-}
-
-fn any_override(args: &DecimationArgs) -> bool {
-    args.deci_layers.is_some()
-        || args.deci_beta.is_some()
-        || args.deci_lbase.is_some()
-        || args.deci_min_len.is_some()
-}
-
-/// The default when decimation is wanted but not named: the model's shipped preset, else
-/// the zero-shot rule.
-fn default_config(model: &ModelDefaults) -> DecimationConfig {
-    model
-        .preset
-        .clone()
-        .unwrap_or_else(|| DecimationConfig::zero_shot(model.n_layer, model.train_len))
-}
-
-/// `--decimation` and overrides → the config to run with (`None`: vanilla).
-pub fn resolve_args(
-    args: &DecimationArgs,
-    model: &ModelDefaults,
-) -> Result<Option<DecimationConfig>> {
-    if args.no_decimation {
-        if args.decimation.is_some() || any_override(args) {
-            bail!("--no-decimation cannot be combined with --decimation or --deci-* options");
-        }
-        return Ok(None);
-    }
-    let base = match &args.decimation {
-        Some(name) => named_config(name, model)?,
-        None if any_override(args) => default_config(model),
-        None => return Ok(None),
-    };
-    let cfg = apply_overrides(base, args)?;
-    cfg.validate(model.n_layer)?;
-    Ok(Some(cfg))
-}
-
-/// Like [`resolve_args`] but never vanilla: used by `--compare`.
-pub fn resolve_or_default(
-    args: &DecimationArgs,
-    model: &ModelDefaults,
-) -> Result<DecimationConfig> {
-    if args.no_decimation {
-        bail!("--compare runs vanilla and DeciMamba; drop --no-decimation");
-    }
-    let base = match &args.decimation {
-        Some(name) => named_config(name, model)?,
-        None => default_config(model),
-    };
-    let cfg = apply_overrides(base, args)?;
-    cfg.validate(model.n_layer)?;
-    Ok(cfg)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::select::select_tokens;
 
     fn cfg(layers: Vec<usize>, beta: f64, lbase: usize, min: usize) -> DecimationConfig {
         DecimationConfig {
