@@ -13,7 +13,8 @@
 # Elsewhere: copy the repo (tests/fixtures is read by the tests) and .gpu/ to the GPU
 # machine and run `OUT=results bash scripts/gpu-check.sh`.
 #
-# GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmark. Benchmarks report the
+# GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmarks (vanilla, DeciMamba and
+# each other method). Benchmarks report the
 # median of REPEATS (default 5) prefills. With .ref/selective_scan present (scripts/
 # fetch-reference-src.sh), the reference kernel path is built and timed in the same run and
 # scripts/gpu_compare.py writes the side-by-side table to $OUT/compare.md.
@@ -34,19 +35,8 @@ for f in decimamba gpu-tests; do
     chmod +x "$BIN/$f"
 done
 
-# Run-time libraries (readelf NEEDED: libcuda.so.1 from the driver; libcublas.so.13,
-# libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 (+ libnvrtc-builtins, dlopened by
-# name), libcudart.so.13). The toolkit's lib64 and PyTorch's nvidia/cu13/lib hold them.
-L=$(dirname "$(find -H /usr/local/cuda* /opt $(python3 -c 'import site;print(*site.getsitepackages(),site.getusersitepackages())' 2>/dev/null) \
-    -name 'libcublas.so.13*' 2>/dev/null | head -1)")
-echo "CUDA libs: $L"
-export LD_LIBRARY_PATH="$L${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-for extra in libnvrtc-builtins.so.13.0 libcurand.so.10 libcudart.so.13; do
-    [[ -e $L/$extra ]] || {
-        d=$(dirname "$(find -H /usr/local/cuda* /opt $(python3 -c 'import site;print(*site.getsitepackages())' 2>/dev/null) -name "$extra*" 2>/dev/null | head -1)")
-        [[ $d != . ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
-    }
-done
+# Run-time libraries: scripts/gpu-env.sh finds them and sets LD_LIBRARY_PATH.
+source scripts/gpu-env.sh
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
@@ -74,6 +64,13 @@ bench() { # bench <seconds> <name> <args...>
 # DeciMamba as the reference times it (and as the anchors): layer 12 keeps 2,000 tokens.
 DECI="--compare-decimation --deci-layers 12 --deci-lbase 2000"
 bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
+# Each other method's prefill against vanilla in the same run (plan values do not change
+# the work; scripts/bench_policies.py writes policies that fit the shape).
+python3 scripts/bench_policies.py 130m "$OUT/policies" >/dev/null
+for policy in mambaextend mambaextend-channel modulation longmamba; do
+    bench 90 "130m-bf16-$policy" --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 0 \
+        --policy "$OUT/policies/$policy-130m.json"
+done
 if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
     bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
     bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI
