@@ -185,17 +185,17 @@ impl ContextPolicy for LongMamba {
 /// `x` resampled to `n` points as torch's `F.interpolate(mode="linear",
 /// align_corners=False)` does.
 pub fn resample_linear(x: &[f64], n: usize) -> Vec<f64> {
+    (0..n).map(|i| resampled_at(x, n, i)).collect()
+}
+
+/// Point `i` of `x` resampled to `n` points (see [`resample_linear`]).
+fn resampled_at(x: &[f64], n: usize, i: usize) -> f64 {
     let len = x.len();
-    let scale = len as f64 / n as f64;
-    (0..n)
-        .map(|i| {
-            let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(len - 1);
-            let i1 = (i0 + 1).min(len - 1);
-            let lambda = src - i0 as f64;
-            (1.0 - lambda) * x[i0] + lambda * x[i1]
-        })
-        .collect()
+    let src = ((i as f64 + 0.5) * (len as f64 / n as f64) - 0.5).max(0.0);
+    let i0 = (src.floor() as usize).min(len - 1);
+    let i1 = (i0 + 1).min(len - 1);
+    let lambda = src - i0 as f64;
+    (1.0 - lambda) * x[i0] + lambda * x[i1]
 }
 
 /// One window's statistics for one layer: decay per channel and θ per (length, channel).
@@ -215,41 +215,48 @@ pub fn window_stats(
     clamp_fraction: f64,
     lengths: &[usize],
 ) -> WindowStats {
+    use rayon::prelude::*;
     let len = delta.len() / d_inner;
     let k = ((len as f64 * clamp_fraction) as usize).max(1);
-    let mut decay = Vec::with_capacity(d_inner);
-    let mut thresholds = vec![Vec::with_capacity(d_inner); lengths.len()];
-    let mut column = vec![0f64; len];
-    for c in 0..d_inner {
-        for (t, v) in column.iter_mut().enumerate() {
-            *v = delta[t * d_inner + c] as f64;
-        }
-        // Descending; the k-th largest is the clamp.
-        column.sort_by(|a, b| b.total_cmp(a));
-        let cap = column[k.min(len) - 1];
-        for v in column.iter_mut() {
-            *v = v.min(cap);
-        }
-        let s: f64 = column.iter().sum();
-        let slowest = a[c * d_state..(c + 1) * d_state]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        decay.push((slowest * s).exp());
-        for (li, &lt) in lengths.iter().enumerate() {
-            let resampled = resample_linear(&column, lt);
-            let mut cum = 0.0;
-            let mut first = 0;
-            for (i, v) in resampled.iter().enumerate() {
-                cum += v;
-                if cum > s {
-                    first = i;
-                    break;
-                }
+    // Channels are independent: each returns (decay, θ per length).
+    let per_channel: Vec<(f64, Vec<f64>)> = (0..d_inner)
+        .into_par_iter()
+        .map(|c| {
+            let mut column: Vec<f64> = (0..len).map(|t| delta[t * d_inner + c] as f64).collect();
+            // Descending; the k-th largest is the clamp.
+            column.sort_by(|a, b| b.total_cmp(a));
+            let cap = column[k.min(len) - 1];
+            for v in column.iter_mut() {
+                *v = v.min(cap);
             }
-            let top_k = (first + 1).min(lt - 1);
-            thresholds[li].push(resampled[top_k]);
-        }
-    }
+            let s: f64 = column.iter().sum();
+            let slowest = a[c * d_state..(c + 1) * d_state]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let thetas = lengths
+                .iter()
+                .map(|&lt| {
+                    // The resampled points are computed only up to the first cumulative
+                    // sum above S (about L of the Lt points), not materialised.
+                    let mut cum = 0.0;
+                    let mut first = 0;
+                    for i in 0..lt {
+                        cum += resampled_at(&column, lt, i);
+                        if cum > s {
+                            first = i;
+                            break;
+                        }
+                    }
+                    resampled_at(&column, lt, (first + 1).min(lt - 1))
+                })
+                .collect();
+            ((slowest * s).exp(), thetas)
+        })
+        .collect();
+    let decay = per_channel.iter().map(|(d, _)| *d).collect();
+    let thresholds = (0..lengths.len())
+        .map(|li| per_channel.iter().map(|(_, t)| t[li]).collect())
+        .collect();
     WindowStats { decay, thresholds }
 }
 
