@@ -19,9 +19,22 @@ pub const HEATMAP_HEIGHT: u32 = 520;
 /// Size of the perplexity plot in pixels.
 pub const LINE_PLOT_SIZE: (u32, u32) = (900, 560);
 
-/// Size of a heatmap with `panels` panels side by side.
+/// Most heatmap panels in one row; more methods wrap onto further rows.
+pub const HEATMAP_COLUMNS: usize = 3;
+
+/// (columns, rows) of a heatmap with `panels` panels.
+fn heatmap_grid(panels: usize) -> (usize, usize) {
+    let n = panels.max(1);
+    (n.min(HEATMAP_COLUMNS), n.div_ceil(HEATMAP_COLUMNS))
+}
+
+/// Size of a heatmap with `panels` panels, at most [`HEATMAP_COLUMNS`] to a row.
 pub fn heatmap_size(panels: usize) -> (u32, u32) {
-    (HEATMAP_PANEL_WIDTH * panels.max(1) as u32, HEATMAP_HEIGHT)
+    let (cols, rows) = heatmap_grid(panels);
+    (
+        HEATMAP_PANEL_WIDTH * cols as u32,
+        HEATMAP_HEIGHT * rows as u32,
+    )
 }
 
 /// Registers the embedded font with plotters (once).
@@ -82,13 +95,15 @@ fn write_via_temp(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result
         .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
 
-/// Draws the passkey heatmap(s) side by side into `path` (PNG); returns the size.
+/// Draws the passkey heatmap(s) side by side, wrapping after [`HEATMAP_COLUMNS`], into
+/// `path` (PNG); returns the size.
 pub fn passkey_heatmap(path: &Path, panels: &[HeatmapPanel]) -> Result<(u32, u32)> {
     let size = heatmap_size(panels.len());
     write_via_temp(path, |tmp| {
         let root = BitMapBackend::new(tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(pe)?;
-        let areas = root.split_evenly((1, panels.len().max(1)));
+        let (cols, rows) = heatmap_grid(panels.len());
+        let areas = root.split_evenly((rows, cols));
         for (area, p) in areas.iter().zip(panels) {
             draw_panel(area, p)?;
         }
@@ -394,6 +409,16 @@ pub fn ppl_line_plot(path: &Path, title: &str, series: &[LineSeries]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heatmaps_wrap_after_three_panels() {
+        assert_eq!(heatmap_size(1), (HEATMAP_PANEL_WIDTH, HEATMAP_HEIGHT));
+        assert_eq!(heatmap_size(2), (2 * HEATMAP_PANEL_WIDTH, HEATMAP_HEIGHT));
+        assert_eq!(
+            heatmap_size(7),
+            (3 * HEATMAP_PANEL_WIDTH, 3 * HEATMAP_HEIGHT)
+        );
+    }
 
     #[test]
     fn colours_run_red_to_green() {
