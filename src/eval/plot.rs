@@ -247,11 +247,18 @@ pub struct LineSeries {
     pub points: Vec<(f64, f64)>,
 }
 
-const LINE_COLORS: [RGBColor; 4] = [
+/// Matplotlib's "tab10" palette: ten distinct line colours before any repeats.
+const LINE_COLORS: [RGBColor; 10] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Nice tick values for a log axis over [lo, hi].
