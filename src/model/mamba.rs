@@ -349,15 +349,6 @@ impl PreScan {
     }
 }
 
-/// The rows one host scan consumes: `[batch, len]`, the kept indices when the layer
-/// dropped tokens, and the observer of the pass.
-struct Scan<'a> {
-    batch: usize,
-    len: usize,
-    kept: Option<&'a [usize]>,
-    watch: Watch<'a>,
-}
-
 /// The tokens a layer kept: the index tensor (u32, on the model's device) the residual
 /// gather uses, and the same indices on the host when they were asked for (or are free).
 struct Kept {
@@ -540,7 +531,6 @@ impl Mixer {
         let device_plan = cuda::DevicePlan::new(p, plan, &self.a_under(plan), h.device())?;
 
         let mut kept = None;
-        let (mut x_conv, mut dt, mut dbc, mut xz, mut scan_len) = (x_conv, dt, dbc, xz, len);
         if let Some(KeepRule {
             keep,
             protected_tail,
@@ -552,10 +542,6 @@ impl Mixer {
             if candidates > keep {
                 let scores = cuda::delta_norms(&dt, p, &device_plan)?;
                 let idx_t = cuda::select_top_k(&scores, candidates, keep, p.variant())?;
-                let gather = |t: &Tensor| t.index_select(&idx_t, 0);
-                (x_conv, dt, dbc, xz) =
-                    (gather(&x_conv)?, gather(&dt)?, gather(&dbc)?, gather(&xz)?);
-                scan_len = idx_t.dim(0)?;
                 let host = match record || watch.observer().is_some() {
                     true => Some(host_indices(&idx_t)?),
                     false => None,
@@ -568,8 +554,8 @@ impl Mixer {
             lap(&mut prof, "token selection");
         }
         if let Some(observer) = watch.observer() {
-            // The observer reads the host: copy what the scan consumes, with Δ computed
-            // from dt as the scan kernel does.
+            // The observer reads the host: copy the layer's inputs, with Δ computed from dt
+            // as the scan kernel does.
             let mut delta = to_vec_f32(&dt)?;
             kernels::softplus_bias_inplace(&mut delta, &self.dt_bias);
             plan.apply_to_delta(&mut delta, di);
@@ -578,7 +564,7 @@ impl Mixer {
             observer.on_scan(&ScanView {
                 layer: watch.layer,
                 batch,
-                len: scan_len,
+                len,
                 d_inner: di,
                 d_state: n,
                 a: &a,
@@ -590,6 +576,12 @@ impl Mixer {
                 c_offset: r + n,
                 kept: kept.as_ref().and_then(|k: &Kept| k.host.as_deref()),
             })?;
+        }
+        let (mut x_conv, mut dt, mut dbc, mut xz, mut scan_len) = (x_conv, dt, dbc, xz, len);
+        if let Some(k) = &kept {
+            let gather = |t: &Tensor| t.index_select(&k.indices, 0);
+            (x_conv, dt, dbc, xz) = (gather(&x_conv)?, gather(&dt)?, gather(&dbc)?, gather(&xz)?);
+            scan_len = k.indices.dim(0)?;
         }
         let args = cuda::ScanArgs {
             batch,
@@ -638,59 +630,70 @@ impl Mixer {
             }
         }
         let mut pre = self.pre_scan(h, conv_state, plan)?;
-        let mut kept = None;
-        if let Some(rule) = plan.keep {
-            let scores = token_scores(&pre.delta, self.d_inner);
-            if let Some(idx) = select_by_scores(&scores, rule.keep, rule.protected_tail) {
-                let mut gathered = PreScan::default();
-                pre.append_rows(idx.iter().copied(), &mut gathered, self);
-                pre = gathered;
-                kept = Some(idx);
+        let kept = match plan.keep {
+            Some(rule) => {
+                let scores = token_scores(&pre.delta, self.d_inner);
+                select_by_scores(&scores, rule.keep, rule.protected_tail)
             }
+            None => None,
+        };
+        self.observe(watch, plan, &pre, (batch, len), kept.as_deref())?;
+        if let Some(idx) = &kept {
+            let mut gathered = PreScan::default();
+            pre.append_rows(idx.iter().copied(), &mut gathered, self);
+            pre = gathered;
         }
         let scan_len = kept.as_ref().map_or(len, Vec::len);
-        let scan = Scan {
-            batch,
-            len: scan_len,
-            kept: kept.as_deref(),
-            watch,
-        };
-        let out = self.scan_and_project(&pre, &scan, ssm_state, h, plan)?;
+        let out = self.scan_and_project(&pre, batch, scan_len, ssm_state, h, plan)?;
         Ok((out, kept))
+    }
+
+    /// Hands the observer (when it observes this layer) the layer's inputs `pre`, rows
+    /// `[batch, len]`, and the rows the scan will keep.
+    fn observe(
+        &self,
+        watch: Watch,
+        plan: &LayerPlan,
+        pre: &PreScan,
+        (batch, len): (usize, usize),
+        kept: Option<&[usize]>,
+    ) -> Result<()> {
+        let Some(observer) = watch.observer() else {
+            return Ok(());
+        };
+        let (n, r) = (self.d_state, self.dt_rank);
+        observer.on_scan(&ScanView {
+            layer: watch.layer,
+            batch,
+            len,
+            d_inner: self.d_inner,
+            d_state: n,
+            a: &self.a_under(plan),
+            delta: &pre.delta,
+            x: &pre.x_conv,
+            bc: &pre.dbc,
+            bc_row_stride: r + 2 * n,
+            b_offset: r,
+            c_offset: r + n,
+            kept,
+        })
     }
 
     /// The selective scan over `pre` (rows `[batch, scan_len]`, from `pre_scan` and
     /// possibly gathered), gated, then out_proj: the mixer output `[batch, scan_len, d_model]`
-    /// in the dtype of `h`. The observer sees `pre` first.
+    /// in the dtype of `h`.
     fn scan_and_project(
         &self,
         pre: &PreScan,
-        scan: &Scan,
+        batch: usize,
+        scan_len: usize,
         ssm_state: &mut [f32],
         h: &Tensor,
         plan: &LayerPlan,
     ) -> Result<Tensor> {
-        let (batch, scan_len) = (scan.batch, scan.len);
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let bc_width = r + 2 * n;
         let a = self.a_under(plan);
-        if let Some(observer) = scan.watch.observer() {
-            observer.on_scan(&ScanView {
-                layer: scan.watch.layer,
-                batch,
-                len: scan_len,
-                d_inner: di,
-                d_state: n,
-                a: &a,
-                delta: &pre.delta,
-                x: &pre.x_conv,
-                bc: &pre.dbc,
-                bc_row_stride: bc_width,
-                b_offset: r,
-                c_offset: r + n,
-                kept: scan.kept,
-            })?;
-        }
         let inputs = ScanInputs {
             batch,
             len: scan_len,
@@ -789,19 +792,18 @@ impl Mixer {
             while next < kept.len() && kept[next] < start + rows {
                 next += 1;
             }
+            if watch.observer().is_some() {
+                let in_chunk: Vec<usize> = kept[first..next].iter().map(|&i| i - start).collect();
+                let kept_here = selected.as_ref().map(|_| in_chunk.as_slice());
+                self.observe(watch, plan, &pre, (1, rows), kept_here)?;
+            }
             pre.append_rows(
                 kept[first..next].iter().map(|&i| i - start),
                 &mut gathered,
                 self,
             );
         }
-        let scan = Scan {
-            batch: 1,
-            len: kept.len(),
-            kept: selected.as_deref(),
-            watch,
-        };
-        let out = self.scan_and_project(&gathered, &scan, ssm_state, h, plan)?;
+        let out = self.scan_and_project(&gathered, 1, kept.len(), ssm_state, h, plan)?;
         Ok((out, selected))
     }
 

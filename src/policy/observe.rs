@@ -5,12 +5,13 @@
 
 use anyhow::Result;
 
-/// One layer's scan inputs, token-major f32 on the host, after the layer's plan (Δ scale
-/// and filter, A under its A_log scale, and any token selection).
+/// One layer's scan inputs, token-major f32 on the host, under the layer's plan (Δ scale
+/// and filter, A under its A_log scale), for every row of the layer's input; `kept` says
+/// which rows the scan consumes when the plan drops tokens.
 pub struct ScanView<'a> {
     pub layer: usize,
     pub batch: usize,
-    /// Rows per sequence: the tokens the scan consumes.
+    /// Rows per sequence in this view.
     pub len: usize,
     pub d_inner: usize,
     pub d_state: usize,
@@ -25,7 +26,8 @@ pub struct ScanView<'a> {
     pub(crate) bc_row_stride: usize,
     pub(crate) b_offset: usize,
     pub(crate) c_offset: usize,
-    /// When the layer dropped tokens: the kept rows' indices into its input (batch 1).
+    /// When the layer drops tokens: the indices of this view's rows that the scan keeps,
+    /// ascending (batch 1).
     pub kept: Option<&'a [usize]>,
 }
 
