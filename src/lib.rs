@@ -3,6 +3,7 @@
 //!
 //! The library is what the `decimamba` binary runs; [`cli`] is a thin layer over it.
 
+pub mod analysis;
 pub mod bench;
 pub mod calibrate;
 pub mod cli;

@@ -324,7 +324,7 @@ fn bad_policies_and_calibration_input_are_one_line_errors() {
         "ch.json",
         r#"{"method": "mambaextend", "delta_scale": [[1], [1], [1], [1], [1], [1]]}"#,
     );
-    let unknown = write("unknown.json", r#"{"method": "upi"}"#);
+    let unknown = write("unknown.json", r#"{"method": "lamb"}"#);
     let tiny_lm = {
         let raw = read_json(Path::new(&fixture(
             "reference/methods/longmamba_calibration.json",
@@ -345,7 +345,7 @@ fn bad_policies_and_calibration_input_are_one_line_errors() {
     assert_one_line_error(&gen(&negative), "a_log_scale[2] is -0.5");
     assert_one_line_error(&gen(&zero), "positive and finite");
     assert_one_line_error(&gen(&channels), "d_inner");
-    assert_one_line_error(&gen(&unknown), "unknown policy method \"upi\"");
+    assert_one_line_error(&gen(&unknown), "unknown policy method \"lamb\"");
     assert_one_line_error(
         &gen(&tiny_lm),
         "calibrated for a model with 4 layers and d_inner 64",

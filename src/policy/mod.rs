@@ -21,6 +21,7 @@ pub mod modulation;
 pub mod observe;
 pub mod select;
 pub mod spsa;
+pub mod upi;
 
 use crate::model::MambaConfig;
 use anyhow::{bail, Context, Result};
@@ -32,6 +33,7 @@ pub use longmamba::LongMamba;
 pub use mamba_extend::MambaExtend;
 pub use modulation::Modulation;
 pub use observe::{ScanObserver, ScanView};
+pub use upi::Upi;
 
 /// Δ' = s·Δ, one scale for the layer or one per channel (d_inner).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +145,7 @@ pub const DECIMAMBA: &str = "decimamba";
 pub const MAMBAEXTEND: &str = "mambaextend";
 pub const MODULATION: &str = "modulation";
 pub const LONGMAMBA: &str = "longmamba";
+pub const UPI: &str = "upi";
 
 /// Every method the tool runs, as one value a sweep can hold, compare and serialise.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,6 +155,7 @@ pub enum Policy {
     MambaExtend(MambaExtend),
     Modulation(Modulation),
     LongMamba(LongMamba),
+    Upi(Upi),
 }
 
 impl Policy {
@@ -163,6 +167,7 @@ impl Policy {
             Self::MambaExtend(p) => p,
             Self::Modulation(p) => p,
             Self::LongMamba(p) => p,
+            Self::Upi(p) => p,
         }
     }
 
@@ -225,8 +230,9 @@ impl Policy {
                 Self::Modulation(serde_json::from_value(value).with_context(|| parse(MODULATION))?)
             }
             LONGMAMBA => Self::LongMamba(serde_json::from_value(value).with_context(|| parse(LONGMAMBA))?),
+            UPI => Self::Upi(serde_json::from_value(value).with_context(|| parse(UPI))?),
             other => bail!(
-                "unknown policy method \"{other}\": expected one of {VANILLA}, {DECIMAMBA}, {MAMBAEXTEND}, {MODULATION}, {LONGMAMBA}"
+                "unknown policy method \"{other}\": expected one of {VANILLA}, {DECIMAMBA}, {MAMBAEXTEND}, {MODULATION}, {LONGMAMBA}, {UPI}"
             ),
         })
     }
@@ -305,9 +311,9 @@ mod tests {
 
     #[test]
     fn unknown_methods_and_settings_are_named() {
-        let e = Policy::from_json_str(r#"{"method": "upi"}"#).unwrap_err();
+        let e = Policy::from_json_str(r#"{"method": "lamb"}"#).unwrap_err();
         assert!(
-            e.to_string().contains("unknown policy method \"upi\""),
+            e.to_string().contains("unknown policy method \"lamb\""),
             "{e}"
         );
         let e = Policy::from_json_str(r#"{"method": "vanilla", "x": 1}"#).unwrap_err();

@@ -96,7 +96,12 @@ pub struct MethodCase {
 }
 
 pub fn method_case(name: &str) -> MethodCase {
-    let raw = json(&format!("methods/{name}.json"));
+    method_case_in("methods", name)
+}
+
+/// A fixture of the same layout in another folder of tests/fixtures/reference.
+pub fn method_case_in(folder: &str, name: &str) -> MethodCase {
+    let raw = json(&format!("{folder}/{name}.json"));
     MethodCase {
         ids: ids_of(&raw["input_ids"]).remove(0),
         policy: decimamba::Policy::from_json(raw["policy"].clone()).unwrap(),
