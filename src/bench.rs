@@ -237,7 +237,7 @@ pub struct DecodeResult {
     pub tok_per_s: f64,
 }
 
-fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     (0..len)
         .map(|_| {

@@ -1,5 +1,6 @@
 //! The command-line layer: argument parsing and output; all work happens in the library.
 
+pub mod analyze;
 pub mod bench;
 pub mod calibrate;
 pub mod common;
@@ -31,6 +32,9 @@ pub enum Command {
     /// Fit MambaExtend, Mamba Modulation or LongMamba to a model on calibration text and
     /// write the policy file (--policy FILE, --methods …,FILE).
     Calibrate(calibrate::CalibrateArgs),
+    /// The paper's receptive-field analyses (hidden attention, MMD, ΣΔ, ERF, global
+    /// channels, the Δt profile) of one input at several lengths, with figures.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the CLI and returns the process exit code; errors print as one line.
@@ -42,6 +46,7 @@ pub fn main() -> i32 {
         Command::EvalPpl(a) => eval_ppl::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Analyze(a) => analyze::run(a),
     };
     match result {
         Ok(()) => 0,

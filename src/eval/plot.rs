@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Width of one heatmap panel in pixels.
 pub const HEATMAP_PANEL_WIDTH: u32 = 820;
@@ -52,7 +52,7 @@ pub fn ensure_font() -> Result<()> {
     }
 }
 
-fn pe<E: std::fmt::Display>(e: E) -> anyhow::Error {
+pub(crate) fn pe<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e}")
 }
 
@@ -84,7 +84,7 @@ pub fn success_color(v: f64) -> RGBColor {
     RGBColor(lerp(a.0, b.0), lerp(a.1, b.1), lerp(a.2, b.2))
 }
 
-fn write_via_temp(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_via_temp(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     ensure_font()?;
     let tmp = temp_sibling(path);
     if let Err(e) = draw(&tmp) {
@@ -248,7 +248,7 @@ pub struct LineSeries {
 }
 
 /// Matplotlib's "tab10" palette: ten distinct line colours before any repeats.
-const LINE_COLORS: [RGBColor; 10] = [
+pub(crate) const LINE_COLORS: [RGBColor; 10] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),

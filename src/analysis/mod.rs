@@ -24,6 +24,8 @@
 //! last-token row. Nothing is O(L²) or O(L·d_inner) per layer, except the first `train_len`
 //! rows of Δ for the global share.
 
+pub mod plot;
+
 use crate::model::{ForwardOptions, LogitsSpan, MambaModel};
 use crate::policy::{Policy, ScanObserver, ScanView};
 use anyhow::{bail, Result};
@@ -444,4 +446,173 @@ pub fn analyze(
         }
     }
     Ok(reports)
+}
+
+/// The analyses of one input length.
+#[derive(Debug, Clone)]
+pub struct LengthAnalysis {
+    pub length: usize,
+    /// The needle's prompt positions (start, tokens), for a passkey prompt.
+    pub needle: Option<(usize, usize)>,
+    pub layers: Vec<LayerReport>,
+}
+
+/// `--json`: one object for one length, else one per length under `lengths`.
+pub fn summary_json(model: &str, policy: &Policy, runs: &[LengthAnalysis]) -> serde_json::Value {
+    let one = |r: &LengthAnalysis| {
+        serde_json::json!({
+            "model": model,
+            "policy": policy.to_json(),
+            "tokens": r.length,
+            "needle": r.needle.map(|(s, n)| serde_json::json!({"start": s, "tokens": n})),
+            "layers": r.layers,
+        })
+    };
+    match runs {
+        [r] => one(r),
+        _ => serde_json::json!({
+            "model": model,
+            "policy": policy.to_json(),
+            "lengths": runs.iter().map(one).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// The terminal table: one block per length, a row per layer.
+pub fn table(runs: &[LengthAnalysis]) -> String {
+    let mut out = String::new();
+    for r in runs {
+        out.push_str(&format!(
+            "{} tokens\nlayer  tokens      MMD   ERF-90       ΣΔ  global share\n",
+            crate::eval::common::format_length(r.length)
+        ));
+        for l in &r.layers {
+            out.push_str(&format!(
+                "{:>5} {:>7} {:>8.1} {:>8} {:>8.1} {:>13.3}\n",
+                l.layer,
+                l.tokens,
+                l.mean_distance,
+                l.erf_90,
+                l.delta_sum_mean,
+                l.global_channel_share
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Figure files `write_figures` writes.
+pub const GRID_PNG: &str = "attention-grid.png";
+pub const MMD_PNG: &str = "mmd.png";
+pub const DELTA_SUM_PNG: &str = "delta-sum.png";
+pub const PROFILE_PNG: &str = "delta-profile.png";
+
+/// The figures of `runs` into `dir`; returns the files written.
+pub fn write_figures(
+    dir: &std::path::Path,
+    model: &str,
+    runs: &[LengthAnalysis],
+) -> Result<Vec<&'static str>> {
+    use crate::eval::common::format_length;
+    use crate::eval::plot::LineSeries;
+    let mut written = Vec::new();
+    let Some(longest) = runs.iter().max_by_key(|r| r.length) else {
+        return Ok(written);
+    };
+    let layers: Vec<usize> = longest.layers.iter().map(|l| l.layer).collect();
+    let with_maps: Vec<&LengthAnalysis> = runs
+        .iter()
+        .filter(|r| r.layers.iter().any(|l| l.map.is_some()))
+        .collect();
+    if let (Some(short), Some(long)) = (with_maps.first(), with_maps.last()) {
+        let mut picks = vec![*short];
+        if long.length != short.length {
+            picks.push(*long);
+        }
+        let columns: Vec<(String, Vec<Option<&AttentionMap>>)> = picks
+            .iter()
+            .map(|r| {
+                (
+                    format!("{} tokens", format_length(r.length)),
+                    r.layers.iter().map(|l| l.map.as_ref()).collect(),
+                )
+            })
+            .collect();
+        let clip = if layers.len() == 1 { -2.0 } else { -3.0 };
+        plot::attention_grid(
+            &dir.join(GRID_PNG),
+            &format!("{model}: hidden attention"),
+            &layers,
+            &columns,
+            clip,
+        )?;
+        written.push(GRID_PNG);
+    }
+    let series = |f: fn(&LayerReport) -> f64| -> Vec<LineSeries> {
+        layers
+            .iter()
+            .enumerate()
+            .map(|(i, &layer)| LineSeries {
+                name: format!("layer {layer}"),
+                points: runs
+                    .iter()
+                    .filter_map(|r| r.layers.get(i).map(|l| (r.length as f64, f(l))))
+                    .filter(|p| p.1 > 0.0)
+                    .collect(),
+            })
+            .collect()
+    };
+    plot::against_length(
+        &dir.join(MMD_PNG),
+        &format!("{model}: Mamba Mean Distance of the last token"),
+        "MMD (tokens, log scale)",
+        &series(|l| l.mean_distance),
+    )?;
+    written.push(MMD_PNG);
+    plot::against_length(
+        &dir.join(DELTA_SUM_PNG),
+        &format!("{model}: ΣΔ over the input, mean over channels"),
+        "ΣΔ (log scale)",
+        &series(|l| l.delta_sum_mean),
+    )?;
+    written.push(DELTA_SUM_PNG);
+    let panels: Vec<plot::ProfilePanel> = longest
+        .layers
+        .iter()
+        .map(|l| plot::ProfilePanel {
+            layer: l.layer,
+            points: l
+                .positions
+                .iter()
+                .zip(&l.delta_norm)
+                .map(|(&p, &v)| (p as f64, v as f64))
+                .collect(),
+            kept: match l.kept_rows.len() == l.positions.len() {
+                true => Vec::new(),
+                false => l.kept_rows.iter().map(|&r| l.positions[r] as f64).collect(),
+            },
+            label: if l.kept_rows.len() < l.positions.len() {
+                "(red: kept tokens)"
+            } else {
+                ""
+            },
+        })
+        .collect();
+    plot::delta_profile(
+        &dir.join(PROFILE_PNG),
+        &format!(
+            "{model}: ‖Δt‖₂ per token at {} tokens{}",
+            format_length(longest.length),
+            if longest.needle.is_some() {
+                " (shaded: the needle)"
+            } else {
+                ""
+            }
+        ),
+        &panels,
+        longest.needle,
+    )?;
+    written.push(PROFILE_PNG);
+    Ok(written)
 }
