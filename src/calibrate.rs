@@ -589,3 +589,118 @@ mod tests {
         assert!(e.check().is_err());
     }
 }
+
+/// UPI's calibration: per-channel MMD of every layer on windows of the target length,
+/// averaged, and the top `ratio` channels per layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpiSettings {
+    pub train_len: usize,
+    pub ratio: f64,
+}
+
+/// Sums of per-channel MMD over the windows seen so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpiProgress {
+    pub windows_done: usize,
+    pub sums: Vec<Vec<f64>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UpiCheckpoint {
+    key: Value,
+    progress: UpiProgress,
+}
+
+/// A resumable UPI calibration.
+pub struct UpiRun<'a> {
+    pub settings: UpiSettings,
+    pub key: Value,
+    pub state_path: &'a Path,
+}
+
+impl UpiRun<'_> {
+    pub fn load_progress(&self) -> Result<(UpiProgress, bool)> {
+        let path = self.state_path;
+        if !path.exists() {
+            return Ok((UpiProgress::default(), false));
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read calibration state {}", path.display()))?;
+        let saved: UpiCheckpoint = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "calibration state {} is corrupt: delete it to start over",
+                path.display()
+            )
+        })?;
+        if saved.key != self.key {
+            bail!(
+                "calibration state {} belongs to a run with other settings, model or data: delete it, or write to another --out",
+                path.display()
+            );
+        }
+        Ok((saved.progress, true))
+    }
+
+    /// Adds the windows not yet seen (saving after each).
+    pub fn run(
+        &self,
+        model: &MambaModel,
+        windows: &[Window],
+        progress: &mut UpiProgress,
+        on_window: &mut dyn FnMut(&UpiProgress),
+    ) -> Result<()> {
+        let n_layer = model.config().n_layer;
+        let settings = crate::analysis::AnalysisSettings {
+            layers: (0..n_layer).collect(),
+            train_len: self.settings.train_len,
+            map_size: 0,
+            map_channel_stride: crate::analysis::MAP_CHANNEL_STRIDE,
+            channel_mmd: true,
+        };
+        for w in &windows[progress.windows_done.min(windows.len())..] {
+            let reports =
+                crate::analysis::analyze(model, &w.tokens, &Policy::Vanilla, 1, &settings)?;
+            if progress.sums.is_empty() {
+                progress.sums = reports
+                    .iter()
+                    .map(|r| vec![0.0; r.channel_mmd.len()])
+                    .collect();
+            }
+            for (acc, r) in progress.sums.iter_mut().zip(&reports) {
+                for (a, v) in acc.iter_mut().zip(&r.channel_mmd) {
+                    *a += v;
+                }
+            }
+            progress.windows_done += 1;
+            atomic_write_json(
+                self.state_path,
+                &UpiCheckpoint {
+                    key: self.key.clone(),
+                    progress: progress.clone(),
+                },
+            )?;
+            on_window(progress);
+        }
+        Ok(())
+    }
+
+    /// The policy from finished sums: the mean MMD per channel ranks the channels.
+    pub fn policy(&self, model: &MambaModel, progress: &UpiProgress) -> crate::policy::Upi {
+        let c = model.config();
+        let n = progress.windows_done.max(1) as f64;
+        crate::policy::Upi {
+            train_len: self.settings.train_len,
+            ratio: self.settings.ratio,
+            n_layer: c.n_layer,
+            d_inner: c.d_inner,
+            channels: progress
+                .sums
+                .iter()
+                .map(|s| {
+                    let mean: Vec<f64> = s.iter().map(|v| v / n).collect();
+                    crate::policy::upi::top_channels(&mean, self.settings.ratio)
+                })
+                .collect(),
+        }
+    }
+}

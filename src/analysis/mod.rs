@@ -24,6 +24,7 @@
 //! last-token row. Nothing is O(L²) or O(L·d_inner) per layer, except the first `train_len`
 //! rows of Δ for the global share.
 
+pub mod find_layer;
 pub mod plot;
 
 use crate::model::{ForwardOptions, LogitsSpan, MambaModel};

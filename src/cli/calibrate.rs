@@ -26,6 +26,9 @@ pub enum CalibratedMethod {
     Modulation,
     /// Per-channel Δ thresholds (Ye et al.) from windows of the training length --length.
     Longmamba,
+    /// The top --ratio channels by Mamba Mean Distance on windows of --length, whose Δ is
+    /// divided by L / L_train (UPI, ICLR 2026).
+    Upi,
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +78,12 @@ pub struct CalibrateArgs {
     /// longmamba: inputs shorter than this run vanilla; default 1.5 × --length.
     #[arg(long, value_name = "N")]
     pub activate_from: Option<String>,
+    /// upi: share of channels per layer to rescale.
+    #[arg(long, default_value_t = 0.2)]
+    pub ratio: f64,
+    /// upi: the training length L_train of n = L / L_train; default the model's.
+    #[arg(long)]
+    pub train_len: Option<usize>,
     /// Replace --out when it already exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -186,6 +195,72 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let state = state_path(&args.out);
     let identity = model.identity()?;
     let windows_key: Vec<_> = windows.iter().map(|w| json!([w.doc, w.start])).collect();
+    if args.method == CalibratedMethod::Upi {
+        if !(args.ratio > 0.0 && args.ratio <= 1.0) {
+            bail!("--ratio must be in (0, 1], got {}", args.ratio);
+        }
+        let settings = crate::calibrate::UpiSettings {
+            train_len: args
+                .train_len
+                .unwrap_or(model.decimation_defaults().train_len),
+            ratio: args.ratio,
+        };
+        if settings.train_len >= length {
+            bail!(
+                "--length {length} must exceed the training length {}: upi rescales only longer inputs",
+                settings.train_len
+            );
+        }
+        let key = json!({
+            "method": "upi", "model": identity.clone(), "data": record,
+            "windows": windows_key, "settings": settings,
+        });
+        let run = crate::calibrate::UpiRun {
+            settings: settings.clone(),
+            key,
+            state_path: &state,
+        };
+        let (mut progress, resumed) = run.load_progress()?;
+        let pb = progress_bar(windows.len() as u64, args.quiet, "calibrating upi");
+        if resumed {
+            pb.println(format!(
+                "resuming from {} ({} windows done)",
+                state.display(),
+                progress.windows_done
+            ));
+        }
+        pb.set_position(progress.windows_done.min(windows.len()) as u64);
+        let outcome = run.run(&model.model, &windows, &mut progress, &mut |_| pb.inc(1));
+        pb.finish_and_clear();
+        if let Err(e) = outcome {
+            if stop.load(Ordering::Relaxed) {
+                bail!(
+                    "interrupted; progress is saved in {} — rerun the same command to resume",
+                    state.display()
+                );
+            }
+            return Err(e);
+        }
+        let policy = run.policy(&model.model, &progress);
+        let summary = format!(
+            "upi: {} windows of {} tokens; {} channels per layer rescaled by L / {}",
+            windows.len(),
+            format_length(length),
+            policy.channels.first().map_or(0, Vec::len),
+            settings.train_len
+        );
+        let record_settings = json!({"method": "upi", "length": length, "windows": windows.len(), "settings": settings});
+        let file = with_provenance(
+            Policy::Upi(policy).to_json(),
+            provenance(identity, &record, &windows, record_settings),
+        );
+        atomic_write_json(&args.out, &file)?;
+        if state.exists() {
+            std::fs::remove_file(&state)
+                .with_context(|| format!("cannot remove the finished state {}", state.display()))?;
+        }
+        return super::output::println(&format!("{summary}\nwrote {}", args.out.display()));
+    }
     let result = match (&longmamba, args.method) {
         (Some(settings), _) => {
             let key = json!({

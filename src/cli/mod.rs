@@ -5,6 +5,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod common;
 pub mod eval_ppl;
+pub mod find_layer;
 pub mod generate;
 pub mod output;
 pub mod passkey;
@@ -35,6 +36,9 @@ pub enum Command {
     /// The paper's receptive-field analyses (hidden attention, MMD, ΣΔ, ERF, global
     /// channels, the Δt profile) of one input at several lengths, with figures.
     Analyze(analyze::AnalyzeArgs),
+    /// Where DeciMamba should decimate: the first global layer by MMD growth, or a sweep of
+    /// candidate layers through eval-ppl or passkey; writes the best policy.
+    FindLayer(find_layer::FindLayerArgs),
 }
 
 /// Runs the CLI and returns the process exit code; errors print as one line.
@@ -47,6 +51,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Analyze(a) => analyze::run(a),
+        Command::FindLayer(a) => find_layer::run(a),
     };
     match result {
         Ok(()) => 0,
