@@ -485,3 +485,52 @@ fn observer_on_gpu_sees_the_cpu_values() {
         }
     }
 }
+
+/// The analyses read through the observer on CUDA match the numpy reference as on the CPU,
+/// and UPI's logits too.
+#[test]
+fn analyses_and_upi_on_gpu_match_the_reference() {
+    let gpu = load("tiny-rms-hf", &cuda(), DType::F32);
+    let fx = json("analysis/analysis_tiny.json");
+    let ids = ids_of(&fx["input_ids"]).remove(0);
+    let settings = decimamba::analysis::AnalysisSettings {
+        layers: vec![0, 1, 2, 3],
+        train_len: 1024,
+        map_size: 64,
+        map_channel_stride: decimamba::analysis::MAP_CHANNEL_STRIDE,
+        channel_mmd: true,
+    };
+    let reports =
+        decimamba::analysis::analyze(&gpu, &ids, &decimamba::Policy::Vanilla, 1, &settings)
+            .unwrap();
+    for (r, want) in reports.iter().zip(fx["layers"].as_array().unwrap()) {
+        let f = |k: &str| want[k].as_f64().unwrap();
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+        assert!(
+            rel(r.mean_distance, f("mmd")) < 1e-5,
+            "layer {}: mmd",
+            r.layer
+        );
+        assert!(
+            rel(r.delta_sum_mean, f("delta_sum_mean")) < 1e-5,
+            "layer {}: ΣΔ",
+            r.layer
+        );
+        assert_eq!(r.erf_90 as u64, want["erf_90"].as_u64().unwrap());
+        assert!((r.global_channel_share - f("global_channel_share")).abs() < 1e-9);
+        let got: Vec<f32> = r.last_row.iter().map(|&v| v as f32).collect();
+        let w = floats(&want["last_row"]);
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_diff(&got, &w) / scale < 1e-5,
+            "layer {}: last row",
+            r.layer
+        );
+    }
+    for name in ["upi_inference", "upi_short"] {
+        let case = common::method_case_in("analysis", name);
+        let got = policy_logits(&gpu, &case.ids, &case.policy, None);
+        let d = max_diff(&got, &case.logits);
+        assert!(d < 1e-4, "{name} on CUDA: max |Δlogit| = {d}");
+    }
+}

@@ -7,7 +7,7 @@ use crate::eval::common::{atomic_write_json, format_length, parse_lengths, progr
 use crate::eval::passkey::{resolve_template, Haystack, PromptBuilder};
 use crate::eval::EvalModel;
 use crate::model::{MambaConfig, MambaModel};
-use crate::policy::decimamba::parse_layers;
+use crate::policy::decimamba::{parse_layers, ModelDefaults};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -101,57 +101,58 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     };
     crate::eval::runlog::check_out_folder(&args.out)?;
     let _ = crate::bench::reset_peak_rss();
-    let (model, name, train_len, per_length): (MambaModel, String, usize, Inputs) = match &args
-        .shape
-    {
-        Some(shape) => {
-            super::common::apply_threads(args.model.threads)?;
-            let cfg = MambaConfig::of_shape(shape)?;
-            let device = crate::loader::parse_device(&args.model.device)?;
-            let dtype = crate::loader::parse_dtype(&args.model.dtype)?;
-            let m = crate::bench::random_model(&cfg, dtype, &device, 0)?;
-            let lengths = parse_lengths(args.lengths.as_deref().unwrap_or("2k,4k,8k,16k"))?;
-            let longest = lengths.iter().copied().max().unwrap_or(0);
-            let ids = crate::bench::random_ids(longest, cfg.vocab_size.min(50_000), 0);
-            let inputs = lengths.iter().map(|&l| (ids[..l].to_vec(), None)).collect();
-            (m, format!("random-{shape}"), 2048, inputs)
-        }
-        None => {
-            let loaded = args.model.load()?;
-            let defaults = loaded.decimation_defaults();
-            let lengths = match (&args.lengths, &args.prompt) {
-                (Some(l), _) => parse_lengths(l)?,
-                (None, Some(p)) => vec![loaded.encode(p)?.len()],
-                (None, None) => parse_lengths("2k,4k,8k,16k")?,
-            };
-            let inputs = match args.passkey_depth {
-                Some(depth) if args.data.is_none() && args.prompt.is_none() => {
-                    if !(0.0..=1.0).contains(&depth) {
-                        bail!("--passkey-depth must be in [0, 1], got {depth}");
+    let (model, name, defaults, per_length): (MambaModel, String, ModelDefaults, Inputs) =
+        match &args.shape {
+            Some(shape) => {
+                super::common::apply_threads(args.model.threads)?;
+                let cfg = MambaConfig::of_shape(shape)?;
+                let device = crate::loader::parse_device(&args.model.device)?;
+                let dtype = crate::loader::parse_dtype(&args.model.dtype)?;
+                let m = crate::bench::random_model(&cfg, dtype, &device, 0)?;
+                let lengths = parse_lengths(args.lengths.as_deref().unwrap_or("2k,4k,8k,16k"))?;
+                let longest = lengths.iter().copied().max().unwrap_or(0);
+                let ids = crate::bench::random_ids(longest, cfg.vocab_size.min(50_000), 0);
+                let inputs = lengths.iter().map(|&l| (ids[..l].to_vec(), None)).collect();
+                let defaults = ModelDefaults {
+                    name: format!("random-{shape}"),
+                    n_layer: cfg.n_layer,
+                    preset: None,
+                    train_len: 2048,
+                };
+                (m, format!("random-{shape}"), defaults, inputs)
+            }
+            None => {
+                let loaded = args.model.load()?;
+                let defaults = loaded.decimation_defaults();
+                let lengths = match (&args.lengths, &args.prompt) {
+                    (Some(l), _) => parse_lengths(l)?,
+                    (None, Some(p)) => vec![loaded.encode(p)?.len()],
+                    (None, None) => parse_lengths("2k,4k,8k,16k")?,
+                };
+                let inputs = match args.passkey_depth {
+                    Some(depth) if args.data.is_none() && args.prompt.is_none() => {
+                        if !(0.0..=1.0).contains(&depth) {
+                            bail!("--passkey-depth must be in [0, 1], got {depth}");
+                        }
+                        let template =
+                            resolve_template(None, loaded.passkey_template().as_deref())?;
+                        let haystack =
+                            Haystack::choose(None, &template, loaded.haystack().as_deref())?;
+                        let mut builder = PromptBuilder::new(&loaded, &template, &haystack)?;
+                        let mut out = Vec::new();
+                        for &l in &lengths {
+                            let key = template.key_min + (template.key_max - template.key_min) / 2;
+                            let p = builder.build(l, depth, key, 0)?;
+                            out.push((p.ids, Some((p.needle_position, p.needle_tokens))));
+                        }
+                        out
                     }
-                    let template = resolve_template(None, loaded.passkey_template().as_deref())?;
-                    let haystack = Haystack::choose(None, &template, loaded.haystack().as_deref())?;
-                    let mut builder = PromptBuilder::new(&loaded, &template, &haystack)?;
-                    let mut out = Vec::new();
-                    for &l in &lengths {
-                        let key = template.key_min + (template.key_max - template.key_min) / 2;
-                        let p = builder.build(l, depth, key, 0)?;
-                        out.push((p.ids, Some((p.needle_position, p.needle_tokens))));
-                    }
-                    out
-                }
-                _ => inputs(&args, &loaded, &lengths)?,
-            };
-            let name = loaded.name();
-            (loaded.model, name, defaults.train_len, inputs)
-        }
-    };
-    let defaults = crate::policy::decimamba::ModelDefaults {
-        name: name.clone(),
-        n_layer: model.config().n_layer,
-        preset: None,
-        train_len,
-    };
+                    _ => inputs(&args, &loaded, &lengths)?,
+                };
+                let name = loaded.name();
+                (loaded.model, name, defaults, inputs)
+            }
+        };
     let policy = args.decimation.policy_for(&defaults)?;
     let n_layer = model.config().n_layer;
     let layers = match &args.layers {
@@ -163,7 +164,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         }
         None => (0..n_layer).collect(),
     };
-    let train_len = args.train_len.unwrap_or(train_len);
+    let train_len = args.train_len.unwrap_or(defaults.train_len);
     let pb = progress_bar(per_length.len() as u64, args.quiet, "analysing");
     let mut runs = Vec::new();
     for (ids, needle) in &per_length {

@@ -118,12 +118,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
         }
         Ok(docs)
     };
-    let (scores, minimise, what, extra): (
-        Vec<(usize, Option<f64>)>,
-        bool,
-        &str,
-        serde_json::Value,
-    ) = match args.by {
+    let (scores, minimise, what, extra): Outcome = match args.by {
         SearchBy::Mmd => {
             if length <= train_len {
                 bail!("--length {length} must exceed the training length {train_len} for --by mmd");
@@ -326,6 +321,14 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
         args.out.display()
     ))
 }
+
+/// Each candidate's score, whether lower is better, what the score is, and evidence.
+type Outcome = (
+    Vec<(usize, Option<f64>)>,
+    bool,
+    &'static str,
+    serde_json::Value,
+);
 
 /// One DeciMamba method per candidate layer, named `layer-N`.
 fn candidate_methods(candidates: &[usize], beta: f64, lbase: usize, min_len: usize) -> Vec<Method> {
