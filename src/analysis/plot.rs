@@ -163,12 +163,13 @@ pub fn against_length(path: &Path, title: &str, y_desc: &str, series: &[LineSeri
             .margin(14)
             .x_label_area_size(56)
             .y_label_area_size(80)
-            .right_y_label_area_size(10)
             .build_cartesian_2d(
                 ((xmin / 1.2).max(1.0)..xmax * 1.2)
                     .log_scale()
                     .with_key_points(xticks),
-                (ymin / 1.3..ymax * 1.3).log_scale(),
+                (ymin / 1.3..ymax * 1.3)
+                    .log_scale()
+                    .with_key_points(crate::eval::plot::log_ticks(ymin / 1.3, ymax * 1.3)),
             )
             .map_err(pe)?;
         chart
