@@ -260,6 +260,10 @@ pub struct MixerParams {
     /// The vanilla plan's Δ scale (ones) and filter (−∞), `[d_inner]`.
     pub unit_scale: Tensor,
     pub no_filter: Tensor,
+    /// The last rescaled A uploaded, by the bits of its A_log scale: a policy's A is the
+    /// same on every call, and its upload (d_inner·d_state floats per layer) would
+    /// otherwise cost more than a short prefill's kernels.
+    pub scaled_a: std::sync::Arc<std::sync::Mutex<Option<(u32, Tensor)>>>,
     pub d_state: usize,
     /// The dtype activations travel in.
     pub dtype: DType,
@@ -275,11 +279,12 @@ pub struct DevicePlan {
 }
 
 impl DevicePlan {
-    /// `a`: A under the plan, on the host (`[d_inner, d_state]`).
-    pub fn new(
+    /// `a`: A under the plan, on the host (`[d_inner, d_state]`), computed only when the
+    /// plan rescales A_log by a scale not uploaded before.
+    pub fn new<'a>(
         p: &MixerParams,
         plan: &crate::policy::LayerPlan,
-        a: &[f32],
+        a: impl FnOnce() -> std::borrow::Cow<'a, [f32]>,
         dev: &candle_core::Device,
     ) -> Result<Self> {
         let d = p.dt_bias.dim(0)?;
@@ -296,7 +301,20 @@ impl DevicePlan {
         };
         let a = match plan.a_log_scale {
             None => p.a.clone(),
-            Some(_) => Tensor::from_slice(a, p.a.dims2()?, dev)?,
+            Some(scale) => {
+                let mut cached = p
+                    .scaled_a
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the scaled-A cache was poisoned"))?;
+                match cached.as_ref() {
+                    Some((bits, t)) if *bits == scale.to_bits() => t.clone(),
+                    _ => {
+                        let t = Tensor::from_slice(&a(), p.a.dims2()?, dev)?;
+                        *cached = Some((scale.to_bits(), t.clone()));
+                        t
+                    }
+                }
+            }
         };
         Ok(Self {
             delta_scale,

@@ -424,6 +424,7 @@ impl Mixer {
                     d_skip: Tensor::from_slice(&d_skip, di, dev)?,
                     unit_scale: Tensor::ones(di, DType::F32, dev)?,
                     no_filter: Tensor::full(f32::NEG_INFINITY, di, dev)?,
+                    scaled_a: Default::default(),
                     d_state: n,
                     dtype: vb.dtype(),
                 })
@@ -528,7 +529,7 @@ impl Mixer {
             .matmul(&self.dt_proj_weight.t()?)?
             .contiguous()?;
         lap(&mut prof, "dt_proj");
-        let device_plan = cuda::DevicePlan::new(p, plan, &self.a_under(plan), h.device())?;
+        let device_plan = cuda::DevicePlan::new(p, plan, || self.a_under(plan), h.device())?;
 
         let mut kept = None;
         if let Some(KeepRule {
