@@ -317,3 +317,57 @@ fn upi_calibrates_and_runs_side_by_side() {
         "channel 600",
     );
 }
+
+#[test]
+fn find_layer_by_perplexity_and_analyze_a_random_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ppl");
+    let stdout = ok(&run(&[
+        "find-layer",
+        "--by",
+        "ppl",
+        "--data",
+        &fixture("text/austen-excerpt.txt"),
+        "--length",
+        "2k",
+        "--candidates",
+        "0,3",
+        "--samples",
+        "1",
+        "--pred-len",
+        "50",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("perplexity"), "{stdout}");
+    let p = read_json(&out.join("best-policy.json"));
+    let layer = p["decimating_layers"][0].as_u64().unwrap();
+    assert!(layer == 0 || layer == 3, "{p}");
+    // The sweep is an eval-ppl run folder: one window per candidate.
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+
+    let an = dir.path().join("shape");
+    let json = dir.path().join("shape.json");
+    ok(&run(&[
+        "analyze",
+        "--shape",
+        "130m",
+        "--lengths",
+        "256",
+        "--layers",
+        "0,23",
+        "--map-size",
+        "16",
+        "--quiet",
+        "--out",
+        an.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    let v = read_json(&json);
+    assert_eq!(v["model"], "random-130m");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(v["layers"][1]["layer"], 23);
+}
