@@ -534,3 +534,59 @@ fn analyses_and_upi_on_gpu_match_the_reference() {
         assert!(d < 1e-4, "{name} on CUDA: max |Δlogit| = {d}");
     }
 }
+
+/// A batch on CUDA equals its rows run one by one on CUDA, for a token-dropping policy
+/// (each row keeps its own tokens) and the per-channel ones.
+#[test]
+fn batched_policies_on_gpu_equal_batch_one() {
+    let gpu = load("tiny-rms-hf", &cuda(), DType::F32);
+    let deci = decimamba::Policy::from_json_str(
+        r#"{"decimating_layers": [1, 2], "decimation_beta": 0.5, "decimation_max_p_L_base": 30, "decimation_min_seq_len": 4}"#,
+    )
+    .unwrap();
+    let rows: Vec<Vec<u32>> = ["longmamba_inference", "mambaextend_layer", "modulation"]
+        .iter()
+        .map(|n| {
+            common::method_case(n)
+                .ids
+                .iter()
+                .cycle()
+                .take(100)
+                .copied()
+                .collect()
+        })
+        .collect();
+    let run = |rows: &[Vec<u32>], policy: &decimamba::Policy| -> Vec<f32> {
+        let t = tensor_ids(rows, gpu.device());
+        let mut state = gpu.new_state(rows.len());
+        let opts = ForwardOptions {
+            policy: policy.as_option(),
+            protected_tail: 3,
+            logits: LogitsSpan::All,
+            ..Default::default()
+        };
+        gpu.forward_with_state(&t, &mut state, &opts)
+            .unwrap()
+            .0
+            .unwrap()
+            .values()
+    };
+    for name in [
+        "decimamba",
+        "longmamba_inference",
+        "mambaextend_channel",
+        "modulation",
+    ] {
+        let policy = match name {
+            "decimamba" => deci.clone(),
+            n => common::method_case(n).policy,
+        };
+        let together = run(&rows, &policy);
+        let per_row = together.len() / rows.len();
+        for (r, row) in rows.iter().enumerate() {
+            let alone = run(std::slice::from_ref(row), &policy);
+            let d = max_diff(&together[r * per_row..(r + 1) * per_row], &alone);
+            assert!(d < 1e-5, "{name}, row {r}: batch differs on CUDA by {d}");
+        }
+    }
+}

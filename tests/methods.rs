@@ -253,3 +253,79 @@ fn spsa_lowers_the_objective_deterministically_and_resumes() {
     let e = other.load_state().unwrap_err().to_string();
     assert!(e.contains("belongs to a run with other settings"), "{e}");
 }
+
+/// Logits `[batch, len, vocab]` of `rows` run together, and then greedy decode steps.
+fn batched(
+    model: &MambaModel,
+    rows: &[Vec<u32>],
+    policy: &Policy,
+    steps: usize,
+) -> (Vec<f32>, Vec<Vec<u32>>) {
+    let (b, len) = (rows.len(), rows[0].len());
+    let t = Tensor::from_vec(rows.concat(), (b, len), &Device::Cpu).unwrap();
+    let mut state = model.new_state(b);
+    let opts = ForwardOptions {
+        policy: policy.as_option(),
+        protected_tail: 3,
+        logits: LogitsSpan::All,
+        ..Default::default()
+    };
+    let logits = model
+        .forward_with_state(&t, &mut state, &opts)
+        .unwrap()
+        .0
+        .unwrap();
+    let (_, out_len, _) = logits.dims3().unwrap();
+    let mut next = MambaModel::argmax_last(&logits.narrow(1, out_len - 1, 1).unwrap()).unwrap();
+    let mut generated = vec![Vec::new(); b];
+    for _ in 0..steps {
+        for (g, &n) in generated.iter_mut().zip(&next) {
+            g.push(n);
+        }
+        let l = model.step(&next, &mut state).unwrap();
+        next = MambaModel::argmax_last(&l.unsqueeze(1).unwrap()).unwrap();
+    }
+    (logits.values(), generated)
+}
+
+#[test]
+fn a_batch_equals_its_rows_one_by_one_under_every_policy() {
+    let mut policies: Vec<(String, Policy)> = METHOD_CASES
+        .iter()
+        .map(|n| (n.to_string(), method_case(n).policy))
+        .collect();
+    policies.push(("vanilla".into(), Policy::Vanilla));
+    policies.push((
+        "decimamba".into(),
+        Policy::from_json_str(
+            r#"{"decimating_layers": [1, 2], "decimation_beta": 0.5, "decimation_max_p_L_base": 30, "decimation_min_seq_len": 4}"#,
+        )
+        .unwrap(),
+    ));
+    let inputs: Vec<Vec<u32>> = ["longmamba_inference", "mambaextend_layer", "modulation"]
+        .iter()
+        .map(|n| {
+            let ids = method_case(n).ids;
+            ids.iter().cycle().take(100).copied().collect()
+        })
+        .collect();
+    for chunk in [None, Some(16)] {
+        let model = tiny().with_prefill_chunk(chunk);
+        for (name, policy) in &policies {
+            let (together, gen_together) = batched(&model, &inputs, policy, 4);
+            let per_row = together.len() / inputs.len();
+            for (r, row) in inputs.iter().enumerate() {
+                let (alone, gen_alone) = batched(&model, std::slice::from_ref(row), policy, 4);
+                let d = max_diff(&together[r * per_row..(r + 1) * per_row], &alone);
+                assert!(
+                    d < 1e-5,
+                    "{name}, chunk {chunk:?}, row {r}: batch differs by {d}"
+                );
+                assert_eq!(
+                    gen_together[r], gen_alone[0],
+                    "{name}, row {r}: decode differs"
+                );
+            }
+        }
+    }
+}

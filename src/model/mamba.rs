@@ -190,7 +190,7 @@ pub struct LayerTrace {
     pub len_in: usize,
     pub len_out: usize,
     /// Indices into this layer's input that were kept, when the layer dropped tokens and
-    /// the caller asked for them.
+    /// the caller asked for them (batch 1 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept: Option<Vec<usize>>,
 }
@@ -375,12 +375,19 @@ fn host_indices(t: &Tensor) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// Refuses a token selection on a batch: each row would keep different tokens.
-fn check_keep_batch(batch: usize) -> Result<()> {
-    if batch != 1 {
-        bail!("a plan that drops tokens needs batch size 1 (got {batch}): each row would keep different tokens");
+/// Gathers the kept rows of the residual stream `[batch, len, d]`: `flat` holds, row by
+/// row, indices into the flattened `[batch·len]` tokens, the same number for every row
+/// (rows of one batch have one length, so DeciMamba keeps K tokens in each).
+fn gather_kept(residual: &Tensor, flat: &Tensor) -> Result<Tensor> {
+    let (batch, len, d) = residual.dims3()?;
+    if batch == 1 {
+        return Ok(residual.index_select(flat, 1)?);
     }
-    Ok(())
+    let kept = flat.dim(0)? / batch;
+    Ok(residual
+        .reshape((batch * len, d))?
+        .index_select(flat, 0)?
+        .reshape((batch, kept, d))?)
 }
 
 impl Mixer {
@@ -537,12 +544,25 @@ impl Mixer {
             protected_tail,
         }) = plan.keep
         {
-            check_keep_batch(batch)?;
             // As select_by_scores: nothing to choose unless more candidates than budget.
             let candidates = len.saturating_sub(protected_tail);
             if candidates > keep {
                 let scores = cuda::delta_norms(&dt, p, &device_plan)?;
-                let idx_t = cuda::select_top_k(&scores, candidates, keep, p.variant())?;
+                // Each row chooses its own tokens, as indices into the flattened batch·len.
+                let idx_t = match batch {
+                    1 => cuda::select_top_k(&scores, candidates, keep, p.variant())?,
+                    _ => {
+                        let rows = (0..batch)
+                            .map(|b| {
+                                let row = scores.narrow(0, b * len, len)?;
+                                let idx = cuda::select_top_k(&row, candidates, keep, p.variant())?;
+                                let offset = Tensor::new((b * len) as u32, h.device())?;
+                                Ok(idx.broadcast_add(&offset)?)
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        Tensor::cat(&rows, 0)?
+                    }
+                };
                 let host = match record || watch.observer().is_some() {
                     true => Some(host_indices(&idx_t)?),
                     false => None,
@@ -582,7 +602,7 @@ impl Mixer {
         if let Some(k) = &kept {
             let gather = |t: &Tensor| t.index_select(&k.indices, 0);
             (x_conv, dt, dbc, xz) = (gather(&x_conv)?, gather(&dt)?, gather(&dbc)?, gather(&xz)?);
-            scan_len = k.indices.dim(0)?;
+            scan_len = k.indices.dim(0)? / batch;
         }
         let args = cuda::ScanArgs {
             batch,
@@ -619,8 +639,9 @@ impl Mixer {
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
         let (batch, len, _) = h.dims3()?;
         if let Some(rule) = plan.keep {
-            check_keep_batch(batch)?;
-            if let Some(chunk) = chunk.filter(|&c| len > 2 * c) {
+            // Long single sequences choose their tokens chunk by chunk; a batch runs in one
+            // pass.
+            if let Some(chunk) = chunk.filter(|&c| batch == 1 && len > 2 * c) {
                 return self.forward_host_selecting(
                     h,
                     (conv_state, ssm_state),
@@ -631,10 +652,19 @@ impl Mixer {
             }
         }
         let mut pre = self.pre_scan(h, conv_state, plan)?;
+        // Each row chooses its own tokens; `kept` indexes the flattened batch·len rows.
         let kept = match plan.keep {
             Some(rule) => {
-                let scores = token_scores(&pre.delta, self.d_inner);
-                select_by_scores(&scores, rule.keep, rule.protected_tail)
+                let row = len * self.d_inner;
+                let mut all: Option<Vec<usize>> = None;
+                for b in 0..batch {
+                    let scores = token_scores(&pre.delta[b * row..(b + 1) * row], self.d_inner);
+                    if let Some(idx) = select_by_scores(&scores, rule.keep, rule.protected_tail) {
+                        all.get_or_insert_with(Vec::new)
+                            .extend(idx.into_iter().map(|i| b * len + i));
+                    }
+                }
+                all
             }
             None => None,
         };
@@ -644,7 +674,7 @@ impl Mixer {
             pre.append_rows(idx.iter().copied(), &mut gathered, self);
             pre = gathered;
         }
-        let scan_len = kept.as_ref().map_or(len, Vec::len);
+        let scan_len = kept.as_ref().map_or(len, |k| k.len() / batch);
         let out = self.scan_and_project(&pre, batch, scan_len, ssm_state, h, plan)?;
         Ok((out, kept))
     }
@@ -1212,10 +1242,10 @@ impl MambaModel {
             if let Some(k) = kept {
                 #[cfg(feature = "cuda")]
                 let mut prof = cuda::profile::start(&self.device);
-                residual = residual.index_select(&k.indices, 1)?;
+                residual = gather_kept(&residual, &k.indices)?;
                 #[cfg(feature = "cuda")]
                 cuda::profile::lap(&mut prof, "residual gather");
-                recorded = k.host.filter(|_| opts.record_indices);
+                recorded = k.host.filter(|_| opts.record_indices && state.batch == 1);
             }
             trace.layers.push(LayerTrace {
                 layer: i,
