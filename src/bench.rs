@@ -212,6 +212,9 @@ pub struct BenchReport {
     pub dtype: String,
     pub device: String,
     pub threads: usize,
+    /// Rows per prefill (tokens/s counts every row).
+    #[serde(skip_serializing_if = "is_one")]
+    pub batch_size: usize,
     /// What each `peak_rss_mib` covers: "per-length" (that measurement alone) or
     /// "process" (the process peak so far: it grows with earlier, larger lengths).
     pub peak_rss: PeakRss,
@@ -249,17 +252,23 @@ pub fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Times `repeats` prefills of `len` random tokens; reports the median (the anchors'
-/// statistic, ../shared/bench), every run, and the peak resident memory of these runs
-/// (see [`PeakRss`] for what it covers).
+/// Times `repeats` prefills of `batch` rows of `len` random tokens; reports the median (the
+/// anchors' statistic, ../shared/bench), every run, tokens/s over all rows, and the peak
+/// resident memory of these runs (see [`PeakRss`] for what it covers). Row 0 is the same
+/// input at every batch size.
 pub fn time_prefill(
     model: &MambaModel,
     len: usize,
+    batch: usize,
     policy: Option<&dyn ContextPolicy>,
     repeats: usize,
 ) -> Result<PrefillResult> {
     let vocab = model.config().vocab_size.min(50_000);
-    let ids = Tensor::from_vec(random_ids(len, vocab, len as u64), (1, len), model.device())?;
+    let batch = batch.max(1);
+    let rows: Vec<u32> = (0..batch)
+        .flat_map(|r| random_ids(len, vocab, len as u64 + r as u64))
+        .collect();
+    let ids = Tensor::from_vec(rows, (batch, len), model.device())?;
     let opts = ForwardOptions {
         policy,
         protected_tail: 1,
@@ -271,7 +280,7 @@ pub fn time_prefill(
     let mut kept = Vec::new();
     let scope = PeakRss::reset();
     for _ in 0..repeats.max(1) {
-        let mut state = model.new_state(1);
+        let mut state = model.new_state(batch);
         let start = Instant::now();
         let (_, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
         runs.push(start.elapsed().as_secs_f64());
@@ -282,12 +291,16 @@ pub fn time_prefill(
     let s = median(&runs);
     Ok(PrefillResult {
         s,
-        tok_per_s: len as f64 / s,
+        tok_per_s: (batch * len) as f64 / s,
         runs_s: runs,
         peak_rss_mib: peak_rss_mib(),
         peak_rss: scope,
         kept_per_layer: kept,
     })
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 /// Median of a non-empty sample (mean of the middle two for an even count).

@@ -122,6 +122,32 @@ fn zero_repeats_and_bad_lengths_are_errors() {
     assert_one_line_error(&run(&["--lengths", "0,16"]), "bad length '0'");
     assert_one_line_error(&run(&["--lengths", "16,+32"]), "bad length '+32'");
     assert_one_line_error(&run(&["--lengths", "16,junk"]), "bad length 'junk'");
+    assert_one_line_error(&run(&["--batch-size", "0"]), "--batch-size");
+}
+
+#[test]
+fn batched_prefill_is_reported_with_its_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.json");
+    let o = run(&[
+        "--batch-size",
+        "3",
+        "--compare-decimation",
+        "--deci-layers",
+        "1",
+        "--deci-lbase",
+        "8",
+        "--deci-min-len",
+        "4",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = read_json(&out);
+    assert_eq!(v["batch_size"], 3);
+    // Every row of the batch keeps L_base tokens plus the protected last one.
+    assert_eq!(v["prefill_decimated"]["32"]["kept_per_layer"][0], 9);
+    assert!(v["prefill"]["32"]["tok_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

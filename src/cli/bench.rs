@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Decode steps to time (0 = skip).
     #[arg(long, default_value_t = 64)]
     pub decode: usize,
+    /// Rows per prefill: a batch of random prompts of each length (tokens/s counts them all).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     /// Prefills per length; the median is reported (every run is in the JSON).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
@@ -43,6 +46,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     super::common::apply_threads(args.model_args.threads)?;
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
     }
     let lengths = parse_lengths(&args.lengths)?;
     if let Some(path) = &args.json {
@@ -80,24 +86,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     crate::policy::ContextPolicy::check(policy.as_dyn(), model.config())?;
     let decimation = policy.decimation().cloned();
     if let Some(&longest) = lengths.iter().max() {
+        // A batch needs about the activations of its rows laid end to end.
         super::common::check_memory(
             &model,
-            longest,
+            longest * args.batch_size,
             policy.keeps_tokens(),
-            1,
+            args.batch_size,
             args.model_args.force,
-            &format!("a bench prefill of {longest} tokens"),
+            &format!("a bench prefill of {} × {longest} tokens", args.batch_size),
         )?;
     }
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "model {} | {} | {dtype:?} | {threads} thread{}",
+        "model {} | {} | {dtype:?} | {threads} thread{}{}",
         defaults.name,
         args.model_args.device,
-        if threads == 1 { "" } else { "s" }
+        if threads == 1 { "" } else { "s" },
+        match args.batch_size {
+            1 => String::new(),
+            b => format!(" | batch {b} (tokens/s over all rows)"),
+        }
     );
     // Warm-up: page in weights and spin up the thread pool.
-    bench::time_prefill(&model, 64, None, 1)?;
+    bench::time_prefill(&model, 64, 1, None, 1)?;
     let peak_rss = peak_rss_scope();
     let mut report = BenchReport {
         implementation: "decimamba".into(),
@@ -105,6 +116,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         dtype: format!("{dtype:?}").to_lowercase(),
         device: args.model_args.device.clone(),
         threads,
+        batch_size: args.batch_size,
         peak_rss,
         prefill: BTreeMap::new(),
         prefill_decimated: BTreeMap::new(),
@@ -128,7 +140,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ))?;
     crate::model::take_gpu_profile();
     for &len in &lengths {
-        let r = bench::time_prefill(&model, len, None, args.repeats)?;
+        let r = bench::time_prefill(&model, len, args.batch_size, None, args.repeats)?;
         print_gpu_profile(&format!("{len} tokens"));
         println(&format!(
             "{len:>8}  {:>10.3}  {:>12.1}  {:>10}",
@@ -140,7 +152,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         report.prefill.insert(len, r);
         save(&report)?;
         if let Some(p) = policy.as_option() {
-            let r = bench::time_prefill(&model, len, Some(p), args.repeats)?;
+            let r = bench::time_prefill(&model, len, args.batch_size, Some(p), args.repeats)?;
             let base = report.prefill[&len].s;
             let what = match &decimation {
                 Some(_) => format!("decimated {:?}", r.kept_per_layer),
