@@ -750,6 +750,62 @@ impl EvalModel for LoadedModel {
         })
     }
 
+    fn score_tails(
+        &self,
+        windows: &[&[u32]],
+        pred_len: usize,
+        policy: &Policy,
+    ) -> Result<Vec<TailScore>> {
+        let (Some(first), true) = (windows.first(), windows.len() > 1) else {
+            return windows
+                .iter()
+                .map(|w| self.score_tail(w, pred_len, policy))
+                .collect();
+        };
+        let len = first.len();
+        if windows.iter().any(|w| w.len() != len) {
+            bail!("a batch of windows must share one length");
+        }
+        if pred_len == 0 || pred_len >= len {
+            bail!("cannot score the last {pred_len} tokens of a {len}-token window");
+        }
+        let batch = windows.len();
+        let flat: Vec<u32> = windows.iter().flat_map(|w| w.iter().copied()).collect();
+        let ids = Tensor::from_vec(flat, (batch, len), self.model.device())?;
+        let mut state = self.model.new_state(batch);
+        let opts = ForwardOptions {
+            policy: policy.as_option(),
+            protected_tail: pred_len + 1,
+            logits: LogitsSpan::Last(pred_len + 1),
+            record_indices: false,
+            observer: None,
+        };
+        let start = Instant::now();
+        let (logits, trace) = self.model.forward_with_state(&ids, &mut state, &opts)?;
+        let forward_secs = start.elapsed().as_secs_f64() / batch as f64;
+        let logits = logits.context("no logits")?.narrow(1, 0, pred_len)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, 2)?;
+        let targets: Vec<u32> = windows
+            .iter()
+            .flat_map(|w| w[len - pred_len..].iter().copied())
+            .collect();
+        let target_t = Tensor::from_vec(targets, (batch, pred_len, 1), self.model.device())?;
+        let nll = log_probs
+            .gather(&target_t, 2)?
+            .neg()?
+            .squeeze(2)?
+            .to_vec2::<f32>()?;
+        let kept = trace.len_out_of(policy.as_dyn().reported_layers());
+        Ok(nll
+            .into_iter()
+            .map(|nll| TailScore {
+                nll,
+                forward_secs,
+                kept_per_layer: kept.clone(),
+            })
+            .collect())
+    }
+
     fn name(&self) -> String {
         self.files.name.clone()
     }

@@ -254,3 +254,69 @@ fn eval_errors_are_one_line() {
         assert!(err.contains(needle), "{a:?}: {err}");
     }
 }
+
+/// `--batch-size` scores windows of one length and method together; every window's NLL
+/// equals the one-at-a-time run's (f32), for vanilla and DeciMamba.
+#[test]
+fn eval_ppl_batches_equal_batch_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_with = |batch: &str| {
+        let out = dir.path().join(format!("b{batch}"));
+        ok(&run(&[
+            "eval-ppl",
+            "--compare",
+            "--data",
+            &fixture("text/austen-excerpt.txt"),
+            "--lengths",
+            "1k,2k",
+            "--windows",
+            "3",
+            "--pred-len",
+            "50",
+            "--batch-size",
+            batch,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let text = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+        let mut rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        rows.sort_by_key(|v| {
+            (
+                v["method"].as_str().unwrap().to_string(),
+                v["length"].as_u64(),
+                v["doc"].as_u64(),
+                v["window"].as_u64(),
+            )
+        });
+        rows
+    };
+    let one = run_with("1");
+    let three = run_with("3");
+    assert_eq!(one.len(), 2 * 2 * 3);
+    assert_eq!(one.len(), three.len());
+    for (a, b) in one.iter().zip(&three) {
+        assert_eq!(
+            (&a["method"], &a["length"], &a["window"]),
+            (&b["method"], &b["length"], &b["window"])
+        );
+        let (x, y) = (
+            a["mean_nll"].as_f64().unwrap(),
+            b["mean_nll"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-5, "{a} vs {b}");
+        assert_eq!(a["kept_per_layer"], b["kept_per_layer"]);
+    }
+    let o = run(&[
+        "eval-ppl",
+        "--data",
+        &fixture("text/austen-excerpt.txt"),
+        "--batch-size",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--batch-size"));
+}

@@ -29,6 +29,7 @@ fn quiet() -> RunOptions {
     RunOptions {
         quiet: true,
         stop: None,
+        batch_size: 1,
     }
 }
 
@@ -253,6 +254,7 @@ fn interruption_flag_stops_and_rerun_completes() {
     let opts = RunOptions {
         quiet: true,
         stop: Some(flag),
+        batch_size: 1,
     };
     let s = settings();
     let methods = [Method::vanilla()];

@@ -25,6 +25,7 @@ fn quiet() -> RunOptions {
     RunOptions {
         quiet: true,
         stop: None,
+        batch_size: 1,
     }
 }
 
@@ -63,6 +64,7 @@ fn run_with_stop(
         options: &RunOptions {
             quiet: true,
             stop: Some(stop),
+            batch_size: 1,
         },
     })
     .unwrap()

@@ -45,12 +45,19 @@ pub struct EvalPplArgs {
     /// Tokens scored at the end of each window.
     #[arg(long, default_value_t = 100)]
     pub pred_len: usize,
+    /// Windows of one length and method scored together in one batch (results equal batch
+    /// 1; memory grows with it).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     #[command(flatten)]
     pub run: EvalRunArgs,
 }
 
 pub fn run(args: EvalPplArgs) -> Result<()> {
     args.run.check()?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let settings = PplSettings {
         lengths: parse_lengths(&args.lengths)?,
         windows: args.windows,
@@ -100,6 +107,7 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
     let options = RunOptions {
         quiet: args.run.quiet,
         stop: Some(stop),
+        batch_size: args.batch_size,
     };
     let job = PplJob {
         model: &model,

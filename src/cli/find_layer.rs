@@ -205,6 +205,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             let options = RunOptions {
                 quiet: args.quiet,
                 stop: Some(stop),
+                batch_size: 1,
             };
             let job = PplJob {
                 model: &model,
@@ -244,6 +245,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             let options = RunOptions {
                 quiet: args.quiet,
                 stop: Some(stop),
+                batch_size: 1,
             };
             let job = PasskeyJob {
                 model: &model,

@@ -71,6 +71,7 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
     let options = RunOptions {
         quiet: args.run.quiet,
         stop: Some(stop),
+        batch_size: 1,
     };
     let job = PasskeyJob {
         model: &model,

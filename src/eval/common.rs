@@ -111,6 +111,9 @@ pub struct RunOptions {
     /// When set (e.g. by Ctrl-C), the run stops after the current sample or
     /// window; everything finished is already in `results.jsonl`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Work units of one length scored together (0 or 1: one at a time). Results do not
+    /// depend on it.
+    pub batch_size: usize,
 }
 
 impl RunOptions {

@@ -62,6 +62,19 @@ pub trait EvalModel {
         pred_len: usize,
         policy: &Policy,
     ) -> anyhow::Result<TailScore>;
+    /// [`Self::score_tail`] of several windows of one length, scored together when the model
+    /// can batch them; the results equal scoring each alone.
+    fn score_tails(
+        &self,
+        windows: &[&[u32]],
+        pred_len: usize,
+        policy: &Policy,
+    ) -> anyhow::Result<Vec<TailScore>> {
+        windows
+            .iter()
+            .map(|w| self.score_tail(w, pred_len, policy))
+            .collect()
+    }
     /// A short name for reports (model id or directory).
     fn name(&self) -> String;
     /// What identifies the model in `run.json`: everything about it that changes a

@@ -330,6 +330,9 @@ impl PplJob<'_> {
 /// Runs (or resumes) the perplexity evaluation, streaming each window to
 /// `results.jsonl`; when complete, writes `results.json`, `summary.json` and
 /// `perplexity.png` atomically.
+/// One window to score: (length, document, window, start, method).
+type WindowUnit<'a> = (usize, usize, usize, usize, &'a Method);
+
 pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
     job.validate()?;
     let s = job.settings;
@@ -370,70 +373,105 @@ pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
         });
     }
 
-    let mut interrupted = false;
-    'run: for &w in &s.lengths {
+    // The work: (length, doc, window, method) in run order; with a batch size above 1 the
+    // windows of one length and method are scored together, in that order.
+    let mut units: Vec<WindowUnit> = Vec::new();
+    for &w in &s.lengths {
         for (di, doc) in job.docs.iter().enumerate() {
             for (wi, &start) in window_starts(doc.tokens.len(), w, s.windows)
                 .iter()
                 .enumerate()
             {
-                let window = &doc.tokens[start..start + w];
                 for m in job.methods {
-                    if done.contains_key(&window_key(&m.name, w, di, wi)) {
-                        continue;
+                    if !done.contains_key(&window_key(&m.name, w, di, wi)) {
+                        units.push((w, di, wi, start, m));
                     }
-                    if job.options.stopped() {
-                        interrupted = true;
-                        break 'run;
-                    }
-                    pb.set_message(format!(
-                        "{} {} doc {di} window {wi}",
-                        m.name,
-                        format_length(w)
-                    ));
-                    let score = match job.model.score_tail(window, s.pred_len, &m.policy) {
-                        Ok(score) => score,
-                        // Ctrl-C stopped the forward pass: this window is abandoned.
-                        Err(_) if job.options.stopped() => {
-                            interrupted = true;
-                            break 'run;
-                        }
-                        Err(e) => {
-                            return Err(e.context(format!(
-                                "{} failed at length {w}, document {} window {wi} \
-                                 (finished windows are saved in {})",
-                                m.name,
-                                doc.name,
-                                log.results_path().display()
-                            )))
-                        }
-                    };
-                    if score.nll.len() != s.pred_len {
-                        bail!(
-                            "the model returned {} NLLs for a window, expected --pred-len {}",
-                            score.nll.len(),
-                            s.pred_len
-                        );
-                    }
-                    let mean_nll = score.nll.iter().map(|x| f64::from(*x)).sum::<f64>()
-                        / score.nll.len() as f64;
-                    let rec = WindowResult {
-                        method: m.name.clone(),
-                        length: w,
-                        doc: di,
-                        doc_name: doc.name.clone(),
-                        window: wi,
-                        start,
-                        mean_nll,
-                        scored_tokens: score.nll.len(),
-                        forward_secs: score.forward_secs,
-                        kept_per_layer: score.kept_per_layer,
-                    };
-                    log.append(&rec)?;
-                    done.insert(window_key(&m.name, w, di, wi), rec);
-                    pb.inc(1);
                 }
             }
+        }
+    }
+    let batch_size = job.options.batch_size.max(1);
+    let groups: Vec<Vec<WindowUnit>> = match batch_size {
+        1 => units.into_iter().map(|u| vec![u]).collect(),
+        _ => {
+            let mut by_key: Vec<((usize, &str), Vec<_>)> = Vec::new();
+            for u in units {
+                let key = (u.0, u.4.name.as_str());
+                match by_key.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(u),
+                    None => by_key.push((key, vec![u])),
+                }
+            }
+            by_key
+                .into_iter()
+                .flat_map(|(_, v)| v.chunks(batch_size).map(|c| c.to_vec()).collect::<Vec<_>>())
+                .collect()
+        }
+    };
+
+    let mut interrupted = false;
+    for group in groups {
+        if job.options.stopped() {
+            interrupted = true;
+            break;
+        }
+        let (w, di, wi, _, m) = group[0];
+        pb.set_message(format!(
+            "{} {} doc {di} window {wi}{}",
+            m.name,
+            format_length(w),
+            if group.len() > 1 {
+                format!(" (+{} more)", group.len() - 1)
+            } else {
+                String::new()
+            }
+        ));
+        let windows: Vec<&[u32]> = group
+            .iter()
+            .map(|&(w, di, _, start, _)| &job.docs[di].tokens[start..start + w])
+            .collect();
+        let scores = match job.model.score_tails(&windows, s.pred_len, &m.policy) {
+            Ok(scores) => scores,
+            // Ctrl-C stopped the forward pass: these windows are abandoned.
+            Err(_) if job.options.stopped() => {
+                interrupted = true;
+                break;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{} failed at length {w}, document {} window {wi} \
+                     (finished windows are saved in {})",
+                    m.name,
+                    job.docs[di].name,
+                    log.results_path().display()
+                )))
+            }
+        };
+        for (&(w, di, wi, start, m), score) in group.iter().zip(scores) {
+            if score.nll.len() != s.pred_len {
+                bail!(
+                    "the model returned {} NLLs for a window, expected --pred-len {}",
+                    score.nll.len(),
+                    s.pred_len
+                );
+            }
+            let mean_nll =
+                score.nll.iter().map(|x| f64::from(*x)).sum::<f64>() / score.nll.len() as f64;
+            let rec = WindowResult {
+                method: m.name.clone(),
+                length: w,
+                doc: di,
+                doc_name: job.docs[di].name.clone(),
+                window: wi,
+                start,
+                mean_nll,
+                scored_tokens: score.nll.len(),
+                forward_secs: score.forward_secs,
+                kept_per_layer: score.kept_per_layer,
+            };
+            log.append(&rec)?;
+            done.insert(window_key(&m.name, w, di, wi), rec);
+            pb.inc(1);
         }
     }
     pb.finish_and_clear();
