@@ -202,11 +202,44 @@ pub fn perplexity(
     Ok((sum / n as f64).exp())
 }
 
-/// A saved SPSA run: what it was started with (`key`) and where it stands.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SpsaCheckpoint {
+/// A calibration's saved state: what the run was started with (`key`: model, data,
+/// windows, settings) and where it stands. Written after each step, read on a rerun.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint<T> {
     key: Value,
-    state: SpsaState,
+    state: T,
+}
+
+/// The state saved at `path` when it belongs to the run `key`; `None` when there is none.
+fn load_checkpoint<T: serde::de::DeserializeOwned>(path: &Path, key: &Value) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read calibration state {}", path.display()))?;
+    let saved: Checkpoint<T> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "calibration state {} is corrupt: delete it to start over",
+            path.display()
+        )
+    })?;
+    if &saved.key != key {
+        bail!(
+            "calibration state {} belongs to a run with other settings, model or data: delete it, or write to another --out",
+            path.display()
+        );
+    }
+    Ok(Some(saved.state))
+}
+
+fn save_checkpoint<T: Serialize + Clone>(path: &Path, key: &Value, state: &T) -> Result<()> {
+    atomic_write_json(
+        path,
+        &Checkpoint {
+            key: key.clone(),
+            state: state.clone(),
+        },
+    )
 }
 
 /// A resumable SPSA calibration of one per-layer scale.
@@ -225,30 +258,16 @@ impl SpsaRun<'_> {
     /// The saved state when it matches this run, a fresh one when there is none.
     pub fn load_state(&self) -> Result<(SpsaState, bool)> {
         let path = self.state_path;
-        if !path.exists() {
+        let Some(saved) = load_checkpoint::<SpsaState>(path, &self.key)? else {
             return Ok((SpsaState::initial(self.n_layer, &self.settings), false));
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read calibration state {}", path.display()))?;
-        let saved: SpsaCheckpoint = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "calibration state {} is corrupt: delete it to start over",
-                path.display()
-            )
-        })?;
-        if saved.key != self.key {
-            bail!(
-                "calibration state {} belongs to a run with other settings, model or data: delete it, or write to another --out",
-                path.display()
-            );
-        }
-        if saved.state.theta.len() != self.n_layer {
+        };
+        if saved.theta.len() != self.n_layer {
             bail!(
                 "calibration state {} has the wrong number of scales",
                 path.display()
             );
         }
-        Ok((saved.state, true))
+        Ok((saved, true))
     }
 
     /// Runs the remaining iterations from `state`, saving after each; `objective` scores a
@@ -262,13 +281,7 @@ impl SpsaRun<'_> {
         while !state.done(&self.settings) {
             let method = self.method;
             state.step(&self.settings, |theta| objective(&method.policy(theta)))?;
-            atomic_write_json(
-                self.state_path,
-                &SpsaCheckpoint {
-                    key: self.key.clone(),
-                    state: state.clone(),
-                },
-            )?;
+            save_checkpoint(self.state_path, &self.key, state)?;
             on_step(state);
         }
         Ok(())
@@ -434,33 +447,12 @@ pub struct LongMambaRun<'a> {
     pub state_path: &'a Path,
 }
 
-#[derive(Serialize, Deserialize)]
-struct LongMambaCheckpoint {
-    key: Value,
-    progress: LongMambaProgress,
-}
-
 impl LongMambaRun<'_> {
     pub fn load_progress(&self) -> Result<(LongMambaProgress, bool)> {
-        let path = self.state_path;
-        if !path.exists() {
-            return Ok((LongMambaProgress::default(), false));
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read calibration state {}", path.display()))?;
-        let saved: LongMambaCheckpoint = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "calibration state {} is corrupt: delete it to start over",
-                path.display()
-            )
-        })?;
-        if saved.key != self.key {
-            bail!(
-                "calibration state {} belongs to a run with other settings, model or data: delete it, or write to another --out",
-                path.display()
-            );
-        }
-        Ok((saved.progress, true))
+        Ok(match load_checkpoint(self.state_path, &self.key)? {
+            Some(p) => (p, true),
+            None => (LongMambaProgress::default(), false),
+        })
     }
 
     /// Adds the windows not yet seen, saving at most every `save_every` (and at the end).
@@ -473,20 +465,11 @@ impl LongMambaRun<'_> {
         on_window: &mut dyn FnMut(&LongMambaProgress),
     ) -> Result<()> {
         let mut saved_at = std::time::Instant::now();
-        let save = |p: &LongMambaProgress| {
-            atomic_write_json(
-                self.state_path,
-                &LongMambaCheckpoint {
-                    key: self.key.clone(),
-                    progress: p.clone(),
-                },
-            )
-        };
         for w in &windows[progress.windows_done.min(windows.len())..] {
             let stats = longmamba_window(model, &w.tokens, &self.settings)?;
             progress.add(stats);
             if saved_at.elapsed() >= save_every || progress.windows_done == windows.len() {
-                save(progress)?;
+                save_checkpoint(self.state_path, &self.key, progress)?;
                 saved_at = std::time::Instant::now();
             }
             on_window(progress);
@@ -605,12 +588,6 @@ pub struct UpiProgress {
     pub sums: Vec<Vec<f64>>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct UpiCheckpoint {
-    key: Value,
-    progress: UpiProgress,
-}
-
 /// A resumable UPI calibration.
 pub struct UpiRun<'a> {
     pub settings: UpiSettings,
@@ -620,25 +597,10 @@ pub struct UpiRun<'a> {
 
 impl UpiRun<'_> {
     pub fn load_progress(&self) -> Result<(UpiProgress, bool)> {
-        let path = self.state_path;
-        if !path.exists() {
-            return Ok((UpiProgress::default(), false));
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read calibration state {}", path.display()))?;
-        let saved: UpiCheckpoint = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "calibration state {} is corrupt: delete it to start over",
-                path.display()
-            )
-        })?;
-        if saved.key != self.key {
-            bail!(
-                "calibration state {} belongs to a run with other settings, model or data: delete it, or write to another --out",
-                path.display()
-            );
-        }
-        Ok((saved.progress, true))
+        Ok(match load_checkpoint(self.state_path, &self.key)? {
+            Some(p) => (p, true),
+            None => (UpiProgress::default(), false),
+        })
     }
 
     /// Adds the windows not yet seen (saving after each).
@@ -672,13 +634,7 @@ impl UpiRun<'_> {
                 }
             }
             progress.windows_done += 1;
-            atomic_write_json(
-                self.state_path,
-                &UpiCheckpoint {
-                    key: self.key.clone(),
-                    progress: progress.clone(),
-                },
-            )?;
+            save_checkpoint(self.state_path, &self.key, progress)?;
             on_window(progress);
         }
         Ok(())

@@ -407,25 +407,6 @@ fn gpu_top_k_is_the_cpu_choice() {
     }
 }
 
-/// Logits of `ids` (batch 1) under `policy` on `device`, with an optional observer.
-fn policy_logits(
-    model: &MambaModel,
-    ids: &[u32],
-    policy: &decimamba::Policy,
-    observer: Option<&dyn decimamba::policy::ScanObserver>,
-) -> Vec<f32> {
-    let t = Tensor::from_slice(ids, (1, ids.len()), model.device()).unwrap();
-    let mut state = model.new_state(1);
-    let opts = ForwardOptions {
-        policy: policy.as_option(),
-        logits: LogitsSpan::All,
-        observer,
-        ..Default::default()
-    };
-    let (logits, _) = model.forward_with_state(&t, &mut state, &opts).unwrap();
-    logits.unwrap().values()
-}
-
 /// MambaExtend, Modulation and LongMamba on the GPU: the numpy reference's logits and
 /// NLL within 1e-4, as on the CPU (the plan's Δ scale, Δ filter and A are fused into the
 /// scan kernel).
@@ -434,7 +415,7 @@ fn method_fixtures_match_the_reference_on_gpu() {
     let model = load("tiny-rms-hf", &cuda(), DType::F32);
     for name in common::METHOD_CASES {
         let case = common::method_case(name);
-        let got = policy_logits(&model, &case.ids, &case.policy, None);
+        let got = common::policy_logits(&model, &case.ids, &case.policy, None);
         let d = max_diff(&got, &case.logits);
         assert!(d < 1e-4, "{name} on CUDA: max |Δlogit| = {d}");
         let d = max_diff(&common::next_token_nll(&got, &case.ids), &case.nll);
@@ -446,24 +427,11 @@ fn method_fixtures_match_the_reference_on_gpu() {
 /// the Δ statistics its calibration reads.
 #[test]
 fn observer_on_gpu_sees_the_cpu_values() {
-    struct Zeros(std::cell::RefCell<Vec<usize>>);
-    impl decimamba::policy::ScanObserver for Zeros {
-        fn on_scan(&self, v: &decimamba::policy::ScanView) -> anyhow::Result<()> {
-            self.0.borrow_mut()[v.layer] += v.delta.iter().filter(|&&d| d == 0.0).count();
-            Ok(())
-        }
-    }
     let gpu = load("tiny-rms-hf", &cuda(), DType::F32);
     let case = common::method_case("longmamba_inference");
-    let zeros = Zeros(std::cell::RefCell::new(vec![0; 4]));
-    policy_logits(&gpu, &case.ids, &case.policy, Some(&zeros));
-    let want: Vec<usize> = case.raw["zeroed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    assert_eq!(zeros.0.into_inner(), want);
+    let zeros = common::ZeroCounter(std::cell::RefCell::new(vec![0; 4]));
+    common::policy_logits(&gpu, &case.ids, &case.policy, Some(&zeros));
+    assert_eq!(zeros.0.into_inner(), common::zeroed_counts(&case));
 
     let cpu = load("tiny-rms-hf", &Device::Cpu, DType::F32);
     let settings = decimamba::calibrate::LongMambaSettings {
@@ -529,7 +497,7 @@ fn analyses_and_upi_on_gpu_match_the_reference() {
     }
     for name in ["upi_inference", "upi_short"] {
         let case = common::method_case_in("analysis", name);
-        let got = policy_logits(&gpu, &case.ids, &case.policy, None);
+        let got = common::policy_logits(&gpu, &case.ids, &case.policy, None);
         let d = max_diff(&got, &case.logits);
         assert!(d < 1e-4, "{name} on CUDA: max |Δlogit| = {d}");
     }

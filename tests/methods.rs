@@ -7,7 +7,7 @@ use decimamba::calibrate::{LongMambaProgress, LongMambaSettings, ScaledMethod, S
 use decimamba::loader::{files_from_dir, load_model};
 use decimamba::model::{ForwardOptions, LogitsSpan, MambaModel};
 use decimamba::policy::spsa::SpsaSettings;
-use decimamba::policy::{ScanObserver, ScanView};
+use decimamba::policy::ScanObserver;
 use decimamba::Policy;
 use std::cell::RefCell;
 
@@ -27,16 +27,7 @@ fn logits_under(
     policy: &Policy,
     observer: Option<&dyn ScanObserver>,
 ) -> Vec<f32> {
-    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let mut state = model.new_state(1);
-    let opts = ForwardOptions {
-        policy: policy.as_option(),
-        logits: LogitsSpan::All,
-        observer,
-        ..Default::default()
-    };
-    let (logits, _) = model.forward_with_state(&t, &mut state, &opts).unwrap();
-    logits.unwrap().values()
+    common::policy_logits(model, ids, policy, observer)
 }
 
 #[test]
@@ -84,29 +75,13 @@ fn methods_differ_from_vanilla() {
     }
 }
 
-/// Counts Δ entries the plan set to zero, per layer.
-struct ZeroCounter(RefCell<Vec<usize>>);
-
-impl ScanObserver for ZeroCounter {
-    fn on_scan(&self, view: &ScanView) -> anyhow::Result<()> {
-        self.0.borrow_mut()[view.layer] += view.delta.iter().filter(|&&d| d == 0.0).count();
-        Ok(())
-    }
-}
-
 #[test]
 fn longmamba_zeroes_the_reference_entries() {
     let model = tiny();
     let case = method_case("longmamba_inference");
-    let counter = ZeroCounter(RefCell::new(vec![0; 4]));
+    let counter = common::ZeroCounter(RefCell::new(vec![0; 4]));
     logits_under(&model, &case.ids, &case.policy, Some(&counter));
-    let want: Vec<usize> = case.raw["zeroed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    assert_eq!(counter.0.into_inner(), want);
+    assert_eq!(counter.0.into_inner(), common::zeroed_counts(&case));
 }
 
 #[test]

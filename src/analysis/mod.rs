@@ -147,7 +147,7 @@ fn consumed(view: &ScanView) -> Vec<usize> {
 
 impl Analyser<'_> {
     fn collect(&self, v: &ScanView) {
-        let (di, n) = (self.d_inner, self.d_state);
+        let di = self.d_inner;
         let mut all = self.collected.borrow_mut();
         let c = &mut all[v.layer];
         if c.sum.is_empty() {
@@ -161,7 +161,8 @@ impl Analyser<'_> {
                 .push(d.iter().map(|x| x * x).sum::<f32>().sqrt());
         }
         let with_map = self.settings.map_size > 0;
-        for r in consumed(v) {
+        let rows = consumed(v);
+        for &r in &rows {
             c.kept_rows.push(base + r);
             let d = v.delta_row(r);
             for (s, &x) in c.sum.iter_mut().zip(d) {
@@ -170,7 +171,6 @@ impl Analyser<'_> {
             if c.kept_rows.len() <= self.settings.train_len {
                 c.head_delta.extend_from_slice(d);
             }
-            c.c_last = v.c(r).to_vec();
             if with_map {
                 c.c_rows.extend_from_slice(v.c(r));
                 c.b_rows.extend_from_slice(v.b(r));
@@ -180,8 +180,10 @@ impl Analyser<'_> {
                 }
             }
         }
+        if let Some(&last) = rows.last() {
+            c.c_last = v.c(last).to_vec();
+        }
         c.input_rows += v.len;
-        let _ = n;
     }
 
     /// The last-token row over this view's consumed rows, parallel over channel blocks.

@@ -5,7 +5,7 @@
 use super::common::{check_memory, DataArgs, ModelArgs};
 use crate::calibrate::{
     calibration_windows, longmamba_policy, perplexity, provenance, DataRecord, LongMambaRun,
-    LongMambaSettings, ScaledMethod, SpsaRun,
+    LongMambaSettings, ScaledMethod, SpsaRun, UpiRun, UpiSettings,
 };
 use crate::eval::common::{
     atomic_write_json, format_length, install_interrupt_flag, parse_lengths, progress_bar,
@@ -104,6 +104,24 @@ fn one_length(flag: &str, text: &str) -> Result<usize> {
     }
 }
 
+/// The progress bar of a resumable calibration: at `done` of `total`, saying where it
+/// resumes from (`resumed`: how far the saved state at `state` got).
+fn resumable_bar(
+    total: usize,
+    done: usize,
+    quiet: bool,
+    what: &str,
+    resumed: Option<String>,
+    state: &Path,
+) -> indicatif::ProgressBar {
+    let pb = progress_bar(total as u64, quiet, what);
+    if let Some(note) = resumed {
+        pb.println(format!("resuming from {} ({note})", state.display()));
+    }
+    pb.set_position(done.min(total) as u64);
+    pb
+}
+
 fn state_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(".state.json");
@@ -195,72 +213,6 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let state = state_path(&args.out);
     let identity = model.identity()?;
     let windows_key: Vec<_> = windows.iter().map(|w| json!([w.doc, w.start])).collect();
-    if args.method == CalibratedMethod::Upi {
-        if !(args.ratio > 0.0 && args.ratio <= 1.0) {
-            bail!("--ratio must be in (0, 1], got {}", args.ratio);
-        }
-        let settings = crate::calibrate::UpiSettings {
-            train_len: args
-                .train_len
-                .unwrap_or(model.decimation_defaults().train_len),
-            ratio: args.ratio,
-        };
-        if settings.train_len >= length {
-            bail!(
-                "--length {length} must exceed the training length {}: upi rescales only longer inputs",
-                settings.train_len
-            );
-        }
-        let key = json!({
-            "method": "upi", "model": identity.clone(), "data": record,
-            "windows": windows_key, "settings": settings,
-        });
-        let run = crate::calibrate::UpiRun {
-            settings: settings.clone(),
-            key,
-            state_path: &state,
-        };
-        let (mut progress, resumed) = run.load_progress()?;
-        let pb = progress_bar(windows.len() as u64, args.quiet, "calibrating upi");
-        if resumed {
-            pb.println(format!(
-                "resuming from {} ({} windows done)",
-                state.display(),
-                progress.windows_done
-            ));
-        }
-        pb.set_position(progress.windows_done.min(windows.len()) as u64);
-        let outcome = run.run(&model.model, &windows, &mut progress, &mut |_| pb.inc(1));
-        pb.finish_and_clear();
-        if let Err(e) = outcome {
-            if stop.load(Ordering::Relaxed) {
-                bail!(
-                    "interrupted; progress is saved in {} — rerun the same command to resume",
-                    state.display()
-                );
-            }
-            return Err(e);
-        }
-        let policy = run.policy(&model.model, &progress);
-        let summary = format!(
-            "upi: {} windows of {} tokens; {} channels per layer rescaled by L / {}",
-            windows.len(),
-            format_length(length),
-            policy.channels.first().map_or(0, Vec::len),
-            settings.train_len
-        );
-        let record_settings = json!({"method": "upi", "length": length, "windows": windows.len(), "settings": settings});
-        let file = with_provenance(
-            Policy::Upi(policy).to_json(),
-            provenance(identity, &record, &windows, record_settings),
-        );
-        atomic_write_json(&args.out, &file)?;
-        if state.exists() {
-            std::fs::remove_file(&state)
-                .with_context(|| format!("cannot remove the finished state {}", state.display()))?;
-        }
-        return super::output::println(&format!("{summary}\nwrote {}", args.out.display()));
-    }
     let result = match (&longmamba, args.method) {
         (Some(settings), _) => {
             let key = json!({
@@ -273,15 +225,14 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 state_path: &state,
             };
             let (mut progress, resumed) = run.load_progress()?;
-            let pb = progress_bar(windows.len() as u64, args.quiet, "calibrating longmamba");
-            if resumed {
-                pb.println(format!(
-                    "resuming from {} ({} windows done)",
-                    state.display(),
-                    progress.windows_done
-                ));
-            }
-            pb.set_position(progress.windows_done.min(windows.len()) as u64);
+            let pb = resumable_bar(
+                windows.len(),
+                progress.windows_done,
+                args.quiet,
+                "calibrating longmamba",
+                resumed.then(|| format!("{} windows done", progress.windows_done)),
+                &state,
+            );
             let outcome = run.run(
                 &model.model,
                 &windows,
@@ -306,6 +257,55 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                     "settings": settings, "global_channels_per_layer": globals,
                 });
                 (Policy::LongMamba(policy), settings, summary)
+            })
+        }
+        (None, CalibratedMethod::Upi) => {
+            if !(args.ratio > 0.0 && args.ratio <= 1.0) {
+                bail!("--ratio must be in (0, 1], got {}", args.ratio);
+            }
+            let settings = UpiSettings {
+                train_len: args
+                    .train_len
+                    .unwrap_or(model.decimation_defaults().train_len),
+                ratio: args.ratio,
+            };
+            if settings.train_len >= length {
+                bail!(
+                    "--length {length} must exceed the training length {}: upi rescales only longer inputs",
+                    settings.train_len
+                );
+            }
+            let key = json!({
+                "method": "upi", "model": identity.clone(), "data": record,
+                "windows": windows_key, "settings": settings,
+            });
+            let run = UpiRun {
+                settings: settings.clone(),
+                key,
+                state_path: &state,
+            };
+            let (mut progress, resumed) = run.load_progress()?;
+            let pb = resumable_bar(
+                windows.len(),
+                progress.windows_done,
+                args.quiet,
+                "calibrating upi",
+                resumed.then(|| format!("{} windows done", progress.windows_done)),
+                &state,
+            );
+            let outcome = run.run(&model.model, &windows, &mut progress, &mut |_| pb.inc(1));
+            pb.finish_and_clear();
+            outcome.map(|()| {
+                let policy = run.policy(&model.model, &progress);
+                let summary = format!(
+                    "upi: {} windows of {} tokens; {} channels per layer rescaled by L / {}",
+                    windows.len(),
+                    format_length(length),
+                    policy.channels.first().map_or(0, Vec::len),
+                    settings.train_len
+                );
+                let record = json!({"method": "upi", "length": length, "windows": windows.len(), "settings": settings});
+                (Policy::Upi(policy), record, summary)
             })
         }
         (None, method) => {
@@ -341,20 +341,19 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 state_path: &state,
             };
             let (mut spsa, resumed) = run.load_state()?;
-            let pb = progress_bar(
-                settings.iterations as u64,
+            let pb = resumable_bar(
+                settings.iterations,
+                spsa.next_iteration,
                 args.quiet,
                 &format!("calibrating {} at {}", method.name(), format_length(length)),
+                resumed.then(|| {
+                    format!(
+                        "iteration {} of {}",
+                        spsa.next_iteration, settings.iterations
+                    )
+                }),
+                &state,
             );
-            if resumed {
-                pb.println(format!(
-                    "resuming from {} (iteration {} of {})",
-                    state.display(),
-                    spsa.next_iteration,
-                    settings.iterations
-                ));
-            }
-            pb.set_position(spsa.next_iteration.min(settings.iterations) as u64);
             let mut objective = |p: &Policy| perplexity(&model, &windows, args.pred_len, p);
             let outcome = run
                 .run(&mut spsa, &mut objective, &mut |s| {
@@ -394,8 +393,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     };
     let (policy, settings, summary) = match result {
         Ok(r) => r,
-        Err(e) if stop.load(Ordering::Relaxed) => {
-            let _ = e;
+        Err(_) if stop.load(Ordering::Relaxed) => {
             bail!(
                 "interrupted; progress is saved in {} — rerun the same command to resume",
                 state.display()

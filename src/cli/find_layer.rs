@@ -103,6 +103,20 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    // Ctrl-C stops a sweep between units (and an analysis between layers).
+    let stop = install_interrupt_flag();
+    model.model.set_cancel_flag(Some(stop.clone()));
+    let options = RunOptions {
+        quiet: args.quiet,
+        stop: Some(stop),
+        batch_size: 1,
+    };
+    let interrupted = || {
+        anyhow::anyhow!(
+            "interrupted; rerun the same command (with --out {}) to resume",
+            args.out.display()
+        )
+    };
     let text_tokens = |need: usize| -> Result<Vec<crate::eval::ppl::TokenizedDoc>> {
         let Some(path) = &args.data else {
             bail!("--by ppl needs --data")
@@ -185,11 +199,10 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
                 ],
                 &rows,
             ))?;
-            // The first global layer scores 0, the rest by how far they are from it.
+            // Scores are the growth; the choice is the first global layer.
             let first = growth.iter().find(|g| g.global).map(|g| g.layer);
             let scores = growth.iter().map(|g| (g.layer, Some(g.growth))).collect();
             let extra = serde_json::json!({"layers": growth, "threshold": threshold, "first_global": first});
-            let _ = first;
             (scores, false, "MMD growth", extra)
         }
         SearchBy::Ppl => {
@@ -199,13 +212,6 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
                 lengths: vec![length],
                 windows: args.samples,
                 pred_len: args.pred_len,
-            };
-            let stop = install_interrupt_flag();
-            model.model.set_cancel_flag(Some(stop.clone()));
-            let options = RunOptions {
-                quiet: args.quiet,
-                stop: Some(stop),
-                batch_size: 1,
             };
             let job = PplJob {
                 model: &model,
@@ -217,10 +223,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             };
             let report = run_ppl(&job)?;
             if !report.complete {
-                bail!(
-                    "interrupted; rerun the same command (with --out {}) to resume",
-                    args.out.display()
-                );
+                return Err(interrupted());
             }
             let scores = candidates
                 .iter()
@@ -240,13 +243,6 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
                 seed: 0,
                 max_new_tokens: 10,
             };
-            let stop = install_interrupt_flag();
-            model.model.set_cancel_flag(Some(stop.clone()));
-            let options = RunOptions {
-                quiet: args.quiet,
-                stop: Some(stop),
-                batch_size: 1,
-            };
             let job = PasskeyJob {
                 model: &model,
                 template: &template,
@@ -258,10 +254,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             };
             let report = run_passkey(&job)?;
             if !report.complete {
-                bail!(
-                    "interrupted; rerun the same command (with --out {}) to resume",
-                    args.out.display()
-                );
+                return Err(interrupted());
             }
             let scores = candidates
                 .iter()

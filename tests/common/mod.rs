@@ -123,3 +123,42 @@ pub fn next_token_nll(logits: &[f32], ids: &[u32]) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Logits of `ids` (batch 1) under `policy` on the model's device, with an optional observer.
+pub fn policy_logits(
+    model: &decimamba::MambaModel,
+    ids: &[u32],
+    policy: &decimamba::Policy,
+    observer: Option<&dyn decimamba::policy::ScanObserver>,
+) -> Vec<f32> {
+    let t = Tensor::from_slice(ids, (1, ids.len()), model.device()).unwrap();
+    let mut state = model.new_state(1);
+    let opts = decimamba::model::ForwardOptions {
+        policy: policy.as_option(),
+        logits: decimamba::model::LogitsSpan::All,
+        observer,
+        ..Default::default()
+    };
+    let (logits, _) = model.forward_with_state(&t, &mut state, &opts).unwrap();
+    logits.unwrap().values()
+}
+
+/// Counts, per layer, the Δ entries the plan set to zero.
+pub struct ZeroCounter(pub std::cell::RefCell<Vec<usize>>);
+
+impl decimamba::policy::ScanObserver for ZeroCounter {
+    fn on_scan(&self, view: &decimamba::policy::ScanView) -> anyhow::Result<()> {
+        self.0.borrow_mut()[view.layer] += view.delta.iter().filter(|&&d| d == 0.0).count();
+        Ok(())
+    }
+}
+
+/// The reference's zeroed-entry counts per layer of a LongMamba case.
+pub fn zeroed_counts(case: &MethodCase) -> Vec<usize> {
+    case.raw["zeroed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
