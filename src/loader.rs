@@ -360,7 +360,13 @@ pub fn tokenizer_from_spec(spec: &str) -> Result<(Tokenizer, TokenizerSource)> {
 pub fn parse_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     match spec.as_str() {
-        "cpu" => Ok(Device::Cpu),
+        // `cpu:N` names CPU worker N of a `--device` list; every one is the host CPU.
+        s if s == "cpu"
+            || s.strip_prefix("cpu:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()) =>
+        {
+            Ok(Device::Cpu)
+        }
         "metal" => {
             if cfg!(feature = "metal") {
                 Ok(Device::new_metal(0)?)
@@ -384,6 +390,42 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         }
         other => bail!("unknown device \"{other}\": expected cpu, cuda, cuda:N or metal"),
     }
+}
+
+/// Parses a `--device` list: `cuda:0,cuda:1`, or `cuda:0,1,2,3` where a bare number takes
+/// the previous entry's kind; `cpu:0,cpu:1` lists CPU workers (they share the cores).
+/// Entries are normalised (`cuda` is `cuda:0`) and must be distinct.
+pub fn parse_device_list(spec: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for raw in spec.split(',') {
+        let entry = raw.trim().to_ascii_lowercase();
+        if entry.is_empty() {
+            bail!("--device {spec}: an entry is empty");
+        }
+        let entry = if entry.bytes().all(|b| b.is_ascii_digit()) {
+            match out.last().and_then(|p| p.split_once(':')) {
+                Some((kind, _)) => format!("{kind}:{entry}"),
+                None => bail!(
+                    "--device {spec}: a bare number needs a device kind before it (e.g. cuda:0,1)"
+                ),
+            }
+        } else if entry == "cuda" {
+            "cuda:0".to_string()
+        } else {
+            entry
+        };
+        if entry == "metal" && !out.is_empty() || out.iter().any(|e| e == "metal") {
+            bail!("--device {spec}: metal runs as one device only");
+        }
+        if out.contains(&entry) {
+            bail!("--device {spec} lists {entry} twice: give each device once");
+        }
+        out.push(entry);
+    }
+    if out.len() > 1 && out.iter().any(|e| e == "cpu") {
+        bail!("--device {spec}: name CPU workers cpu:0, cpu:1, … in a list");
+    }
+    Ok(out)
 }
 
 /// `cpu`, `cuda` or `metal`: the kind of device, which changes results (the ordinal does not).
@@ -708,6 +750,36 @@ impl EvalModel for LoadedModel {
             prefill_secs: out.prefill_secs,
             kept_per_layer: out.trace.len_out_of(policy.as_dyn().reported_layers()),
         })
+    }
+
+    fn generate_greedy_batch(
+        &self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+        policy: &Policy,
+    ) -> Result<Vec<GreedyOutput>> {
+        let params = GenerateParams {
+            max_new_tokens,
+            vocab_size: Some(self.tokenizer.get_vocab_size(true)),
+            ..GenerateParams::greedy()
+        };
+        let outs = generation::generate_batch(
+            &self.model,
+            prompts,
+            &params,
+            policy.as_option(),
+            self.eos,
+        )?;
+        outs.into_iter()
+            .map(|out| {
+                Ok(GreedyOutput {
+                    text: self.decode_ids(&out.tokens)?,
+                    kept_per_layer: out.trace.len_out_of(policy.as_dyn().reported_layers()),
+                    tokens: out.tokens,
+                    prefill_secs: out.prefill_secs,
+                })
+            })
+            .collect()
     }
 
     fn score_tail(&self, window: &[u32], pred_len: usize, policy: &Policy) -> Result<TailScore> {

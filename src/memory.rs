@@ -66,6 +66,31 @@ pub fn available_bytes(device: &Device) -> Option<u64> {
     parse_mem_available(&meminfo)
 }
 
+/// The most rows `--batch-size` picks by itself.
+pub const AUTO_BATCH_MAX: usize = 16;
+
+/// The batch size a sweep uses when none is given: 1 on the CPU, where batching does not
+/// raise throughput; on a GPU as many rows of `len` tokens as half its free memory holds
+/// by [`prefill_bytes`] (the other half is headroom for the kernels' own buffers), between
+/// 1 and [`AUTO_BATCH_MAX`].
+pub fn auto_batch_size(
+    config: &MambaConfig,
+    dtype: DType,
+    device: &Device,
+    len: usize,
+    decimating: bool,
+    logits_rows: usize,
+) -> usize {
+    if device.is_cpu() {
+        return 1;
+    }
+    let Some(free) = crate::model::gpu_free_bytes(device) else {
+        return 1;
+    };
+    let row = prefill_bytes(config, dtype, len, false, decimating, logits_rows).max(1);
+    ((free / 2 / row) as usize).clamp(1, AUTO_BATCH_MAX)
+}
+
 /// `MemAvailable` of a /proc/meminfo text, in bytes.
 pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
     meminfo.lines().find_map(|l| {

@@ -30,6 +30,7 @@ fn quiet() -> RunOptions {
         quiet: true,
         stop: None,
         batch_size: 1,
+        shard: None,
     }
 }
 
@@ -44,6 +45,7 @@ fn run(
     let h = Haystack::filler();
     run_passkey(&PasskeyJob {
         model,
+        extra_workers: &[],
         template: &t,
         haystack: &h,
         settings: s,
@@ -255,6 +257,7 @@ fn interruption_flag_stops_and_rerun_completes() {
         quiet: true,
         stop: Some(flag),
         batch_size: 1,
+        shard: None,
     };
     let s = settings();
     let methods = [Method::vanilla()];

@@ -26,6 +26,7 @@ fn quiet() -> RunOptions {
         quiet: true,
         stop: None,
         batch_size: 1,
+        shard: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn run(
 ) -> anyhow::Result<PplReport> {
     run_ppl(&PplJob {
         model,
+        extra_workers: &[],
         docs,
         settings: s,
         methods,
@@ -57,6 +59,7 @@ fn run_with_stop(
 ) -> PplReport {
     run_ppl(&PplJob {
         model,
+        extra_workers: &[],
         docs,
         settings: s,
         methods,
@@ -65,6 +68,7 @@ fn run_with_stop(
             quiet: true,
             stop: Some(stop),
             batch_size: 1,
+            shard: None,
         },
     })
     .unwrap()
@@ -293,9 +297,12 @@ fn clear_errors() {
         &v,
         &dir.path().join("w"),
     )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("returned 3 NLLs"), "{e}");
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("returned 3 NLLs") && e.contains("window 0 failed"),
+        "{e}"
+    );
     assert_eq!(m.calls.get(), 0);
 }
 

@@ -17,7 +17,8 @@ pub struct ModelArgs {
     /// tokenizer.json path or hub repo id; default: the model's own, else EleutherAI/gpt-neox-20b.
     #[arg(long)]
     pub tokenizer: Option<String>,
-    /// cpu, cuda, cuda:N or metal.
+    /// cpu, cuda, cuda:N or metal. passkey, eval-ppl and find-layer take a list and run one
+    /// worker per device: cuda:0,1,2,3 (or cuda:0,cuda:1); cpu:0,cpu:1 are CPU workers.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (the scan always accumulates in f32).
@@ -146,12 +147,90 @@ impl ModelArgs {
 
     /// Load the model and tokenizer this argument set names.
     pub fn load(&self) -> Result<LoadedModel> {
+        if self.device.contains(',') {
+            bail!(
+                "--device {} lists several devices, but this command runs on one; lists run one worker per device in passkey, eval-ppl and find-layer",
+                self.device
+            );
+        }
         apply_threads(self.threads)?;
         let loaded = crate::loader::load(&self.spec())?;
         for w in &loaded.warnings {
             eprintln!("warning: {w}");
         }
         Ok(loaded)
+    }
+
+    /// The model on every device `--device` lists, one worker each: the first device's
+    /// copy, then the others'.
+    pub fn load_workers(&self) -> Result<(LoadedModel, Vec<LoadedModel>)> {
+        let devices = crate::loader::parse_device_list(&self.device)?;
+        apply_threads(self.threads)?;
+        let mut models = Vec::with_capacity(devices.len());
+        for (i, device) in devices.iter().enumerate() {
+            let spec = crate::loader::ModelSpec {
+                device: device.clone(),
+                ..self.spec()
+            };
+            let loaded =
+                crate::loader::load(&spec).map_err(|e| e.context(format!("worker on {device}")))?;
+            if i == 0 {
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            models.push(loaded);
+        }
+        let first = models.remove(0);
+        Ok((first, models))
+    }
+}
+
+/// How a sweep is cut up: batches, and the shard of it this process runs.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SweepArgs {
+    /// Work units of one length and method run as one batch (results equal batch 1);
+    /// default: as many as half the free memory holds on a GPU (at most 16), 1 on the CPU.
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Run only shard I of N (0-based): the sweep's units i with i mod N = I, so N processes
+    /// on any machines cover it once; join their folders with `decimamba merge`.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::eval::sweep::Shard>,
+}
+
+impl SweepArgs {
+    /// `--batch-size`, or the automatic choice for prompts of `longest` tokens on `model`.
+    pub fn batch_size(
+        &self,
+        model: &LoadedModel,
+        methods: &[crate::eval::Method],
+        longest: usize,
+        logits_rows: usize,
+    ) -> Result<usize> {
+        match self.batch_size {
+            Some(0) => bail!("--batch-size must be at least 1"),
+            Some(n) => Ok(n),
+            None => Ok(crate::memory::auto_batch_size(
+                model.model.config(),
+                model.model.dtype(),
+                model.model.device(),
+                longest,
+                methods.iter().any(|m| m.policy.keeps_tokens()),
+                logits_rows,
+            )),
+        }
+    }
+
+    /// Says what a finished shard is for, or that a batch size was chosen.
+    pub fn note_shard_done(&self, out: &std::path::Path) -> Result<()> {
+        if let Some(shard) = self.shard {
+            super::output::println(&format!(
+                "\nshard {shard} is complete in {}; when every shard is, join them with `decimamba merge DIR… --out DIR`",
+                out.display()
+            ))?;
+        }
+        Ok(())
     }
 }
 
@@ -312,6 +391,8 @@ pub struct EvalRunArgs {
     #[arg(long, short = 'q')]
     pub quiet: bool,
     #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub decimation: DecimationArgs,
@@ -385,23 +466,29 @@ impl EvalRunArgs {
         Ok(dir)
     }
 
-    /// Refuses (unless `--force`) a run whose longest input would not fit in memory.
+    /// Refuses (unless `--force`) a run whose longest input, in batches of `batch`, would
+    /// not fit in memory.
     pub fn check_memory(
         &self,
         model: &LoadedModel,
         methods: &[crate::eval::Method],
         longest: usize,
         logits_rows: usize,
+        batch: usize,
         what: &str,
     ) -> Result<()> {
         let decimating = methods.iter().any(|m| m.policy.keeps_tokens());
+        // A batch needs about the activations of its rows laid end to end.
         check_memory(
             &model.model,
-            longest,
+            longest * batch.max(1),
             decimating,
-            logits_rows,
+            logits_rows * batch.max(1),
             self.model.force,
-            &format!("{what} of {longest} tokens"),
+            &match batch {
+                0 | 1 => format!("{what} of {longest} tokens"),
+                b => format!("a batch of {b} × {what} of {longest} tokens (lower --batch-size)"),
+            },
         )
     }
 }

@@ -4,7 +4,7 @@ use super::common::{DataArgs, EvalRunArgs};
 use crate::eval::common::{install_interrupt_flag, parse_lengths};
 use crate::eval::data::{data_files, load_documents, pg19_test_files};
 use crate::eval::ppl::{files, run_ppl, tokenize_documents, PplJob, PplSettings};
-use crate::eval::RunOptions;
+use crate::eval::{EvalModel, RunOptions};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -45,19 +45,12 @@ pub struct EvalPplArgs {
     /// Tokens scored at the end of each window.
     #[arg(long, default_value_t = 100)]
     pub pred_len: usize,
-    /// Windows of one length and method scored together in one batch (results equal batch
-    /// 1; memory grows with it).
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
     #[command(flatten)]
     pub run: EvalRunArgs,
 }
 
 pub fn run(args: EvalPplArgs) -> Result<()> {
     args.run.check()?;
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let settings = PplSettings {
         lengths: parse_lengths(&args.lengths)?,
         windows: args.windows,
@@ -81,7 +74,7 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         &files_in,
         &data.documents,
     )?)?;
-    let mut model = args.run.model.load()?;
+    let (mut model, mut extra) = args.run.model.load_workers()?;
     let methods = args.run.methods(&model)?;
     let docs = tokenize_documents(&model, &data.documents, args.run.quiet)?;
     // Only lengths some document reaches are run.
@@ -93,24 +86,34 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
         .filter(|&l| l <= longest_doc)
         .max()
         .unwrap_or(0);
+    let batch_size =
+        args.run
+            .sweep
+            .batch_size(&model, &methods, longest.max(1), settings.pred_len + 1)?;
     if longest > 0 {
         args.run.check_memory(
             &model,
             &methods,
             longest,
             settings.pred_len + 1,
+            batch_size,
             "a perplexity window",
         )?;
     }
     let stop = install_interrupt_flag();
-    model.model.set_cancel_flag(Some(stop.clone()));
+    for m in std::iter::once(&mut model).chain(extra.iter_mut()) {
+        m.model.set_cancel_flag(Some(stop.clone()));
+    }
     let options = RunOptions {
         quiet: args.run.quiet,
         stop: Some(stop),
-        batch_size: args.batch_size,
+        batch_size,
+        shard: args.run.sweep.shard,
     };
+    let extra_workers: Vec<&dyn EvalModel> = extra.iter().map(|m| m as &dyn EvalModel).collect();
     let job = PplJob {
         model: &model,
+        extra_workers: &extra_workers,
         docs: &docs,
         settings: &settings,
         methods: &methods,
@@ -124,6 +127,9 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
             "note: no document has at least {} tokens, so length {} has no perplexity",
             c.length, c.length
         );
+    }
+    if report.complete && report.shard.is_some() {
+        return args.run.sweep.note_shard_done(&out);
     }
     super::common::finish_run(
         report.complete,

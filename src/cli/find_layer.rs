@@ -1,7 +1,7 @@
 //! `decimamba find-layer`: where DeciMamba should decimate, by MMD growth (the first global
 //! layer) or by sweeping candidate layers through `eval-ppl` or `passkey`.
 
-use super::common::{DataArgs, ModelArgs};
+use super::common::{DataArgs, ModelArgs, SweepArgs};
 use crate::analysis::find_layer::{best, layer_growth, single_layer_config};
 use crate::analysis::{analyze, AnalysisSettings, MAP_CHANNEL_STRIDE};
 use crate::eval::common::{
@@ -69,12 +69,20 @@ pub struct FindLayerArgs {
     #[command(flatten)]
     pub data_args: DataArgs,
     #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
 pub fn run(args: FindLayerArgs) -> Result<()> {
     crate::eval::runlog::check_out_folder(&args.out)?;
-    let mut model = args.model.load()?;
+    if args.by == SearchBy::Mmd && (args.sweep.shard.is_some() || args.sweep.batch_size.is_some()) {
+        bail!("--shard and --batch-size apply to the sweeps of --by ppl and --by passkey, not to --by mmd");
+    }
+    let (mut model, mut extra) = args.model.load_workers()?;
+    if args.by == SearchBy::Mmd && !extra.is_empty() {
+        bail!("--by mmd analyses on one device: give --device one device");
+    }
     let defaults = model.decimation_defaults();
     let n_layer = model.config().n_layer;
     let train_len = defaults.train_len;
@@ -105,12 +113,23 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     // Ctrl-C stops a sweep between units (and an analysis between layers).
     let stop = install_interrupt_flag();
-    model.model.set_cancel_flag(Some(stop.clone()));
+    for m in std::iter::once(&mut model).chain(extra.iter_mut()) {
+        m.model.set_cancel_flag(Some(stop.clone()));
+    }
+    let batch_size = match args.by {
+        SearchBy::Mmd => 1,
+        SearchBy::Ppl => args
+            .sweep
+            .batch_size(&model, &[], length, args.pred_len + 1)?,
+        SearchBy::Passkey => args.sweep.batch_size(&model, &[], length, 1)?,
+    };
     let options = RunOptions {
         quiet: args.quiet,
         stop: Some(stop),
-        batch_size: 1,
+        batch_size,
+        shard: args.sweep.shard,
     };
+    let extra_workers: Vec<&dyn EvalModel> = extra.iter().map(|m| m as &dyn EvalModel).collect();
     let interrupted = || {
         anyhow::anyhow!(
             "interrupted; rerun the same command (with --out {}) to resume",
@@ -215,6 +234,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             };
             let job = PplJob {
                 model: &model,
+                extra_workers: &extra_workers,
                 docs: &docs,
                 settings: &settings,
                 methods: &methods,
@@ -224,6 +244,9 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             let report = run_ppl(&job)?;
             if !report.complete {
                 return Err(interrupted());
+            }
+            if report.shard.is_some() {
+                return shard_done(&args);
             }
             let scores = candidates
                 .iter()
@@ -245,6 +268,7 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             };
             let job = PasskeyJob {
                 model: &model,
+                extra_workers: &extra_workers,
                 template: &template,
                 haystack: &haystack,
                 settings: &settings,
@@ -255,6 +279,9 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
             let report = run_passkey(&job)?;
             if !report.complete {
                 return Err(interrupted());
+            }
+            if report.shard.is_some() {
+                return shard_done(&args);
             }
             let scores = candidates
                 .iter()
@@ -315,6 +342,14 @@ pub fn run(args: FindLayerArgs) -> Result<()> {
         args.out.join("best-policy.json").display(),
         args.out.display()
     ))
+}
+
+/// A finished shard of a candidate sweep: the layer is chosen once the shards are merged.
+fn shard_done(args: &FindLayerArgs) -> Result<()> {
+    args.sweep.note_shard_done(&args.out)?;
+    super::output::println(
+        "then rerun this find-layer command without --shard, with --out set to the merged folder: it finds every candidate scored and picks the layer",
+    )
 }
 
 /// Each candidate's score, whether lower is better, what the score is, and evidence.

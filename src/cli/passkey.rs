@@ -5,7 +5,7 @@ use crate::eval::common::{install_interrupt_flag, parse_depths, parse_lengths};
 use crate::eval::passkey::{
     files, resolve_template, run_passkey, Haystack, PasskeyJob, PasskeySettings,
 };
-use crate::eval::RunOptions;
+use crate::eval::{EvalModel, RunOptions};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -49,7 +49,7 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
     };
     let out = args.run.out_dir("passkey")?;
-    let mut model = args.run.model.load()?;
+    let (mut model, mut extra) = args.run.model.load_workers()?;
     let template = resolve_template(
         args.template.as_deref(),
         model.passkey_template().as_deref(),
@@ -64,17 +64,23 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         args.run.check_held_out(&haystack_record(p)?)?;
     }
     let longest = settings.lengths.iter().copied().max().unwrap_or(0);
+    let batch_size = args.run.sweep.batch_size(&model, &methods, longest, 1)?;
     args.run
-        .check_memory(&model, &methods, longest, 1, "a passkey prompt")?;
+        .check_memory(&model, &methods, longest, 1, batch_size, "a passkey prompt")?;
     let stop = install_interrupt_flag();
-    model.model.set_cancel_flag(Some(stop.clone()));
+    for m in std::iter::once(&mut model).chain(extra.iter_mut()) {
+        m.model.set_cancel_flag(Some(stop.clone()));
+    }
     let options = RunOptions {
         quiet: args.run.quiet,
         stop: Some(stop),
-        batch_size: 1,
+        batch_size,
+        shard: args.run.sweep.shard,
     };
+    let extra_workers: Vec<&dyn EvalModel> = extra.iter().map(|m| m as &dyn EvalModel).collect();
     let job = PasskeyJob {
         model: &model,
+        extra_workers: &extra_workers,
         template: &template,
         haystack: &haystack,
         settings: &settings,
@@ -91,6 +97,9 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         })?;
     }
     super::output::print(&report.grid.table())?;
+    if report.complete && report.shard.is_some() {
+        return args.run.sweep.note_shard_done(&out);
+    }
     super::common::finish_run(
         report.complete,
         report.samples.len(),

@@ -114,6 +114,8 @@ pub struct RunOptions {
     /// Work units of one length scored together (0 or 1: one at a time). Results do not
     /// depend on it.
     pub batch_size: usize,
+    /// Run only this slice of the sweep's units (`--shard I/N`); `merge` joins the slices.
+    pub shard: Option<super::sweep::Shard>,
 }
 
 impl RunOptions {

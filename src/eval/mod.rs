@@ -12,6 +12,7 @@ pub mod passkey;
 pub mod plot;
 pub mod ppl;
 pub mod runlog;
+pub mod sweep;
 
 pub use common::{Method, RunOptions};
 
@@ -40,8 +41,9 @@ pub struct TailScore {
     pub kept_per_layer: Vec<usize>,
 }
 
-/// The model interface the evaluations need.
-pub trait EvalModel {
+/// The model interface the evaluations need. `Sync`, so a pool of workers can share the
+/// tokenizer and run copies of the model on several devices at once.
+pub trait EvalModel: Sync {
     /// Token ids of `text` (no special tokens added).
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>>;
     /// Text of `ids`.
@@ -54,6 +56,19 @@ pub trait EvalModel {
         max_new_tokens: usize,
         policy: &Policy,
     ) -> anyhow::Result<GreedyOutput>;
+    /// [`Self::generate_greedy`] of several prompts of one length, decoded together when the
+    /// model can batch them; the outputs equal generating each alone.
+    fn generate_greedy_batch(
+        &self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+        policy: &Policy,
+    ) -> anyhow::Result<Vec<GreedyOutput>> {
+        prompts
+            .iter()
+            .map(|p| self.generate_greedy(p, max_new_tokens, policy))
+            .collect()
+    }
     /// NLL of the last `pred_len` tokens of `window`, scored in one forward pass
     /// under `policy` with those tokens protected from dropping (R = pred_len + 1).
     fn score_tail(

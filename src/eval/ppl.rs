@@ -13,12 +13,12 @@ use super::common::{
 };
 use super::data::Document;
 use super::plot::{ppl_line_plot, LineSeries};
-use super::runlog::RunLog;
+use super::sweep::{run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits};
 use super::EvalModel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// The smallest stride between windows.
@@ -127,12 +127,6 @@ pub struct WindowResult {
     pub kept_per_layer: Vec<usize>,
 }
 
-type WindowKey = (String, usize, usize, usize);
-
-fn window_key(method: &str, length: usize, doc: usize, window: usize) -> WindowKey {
-    (method.to_string(), length, doc, window)
-}
-
 /// Perplexity of one method at one length.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PplRow {
@@ -176,8 +170,10 @@ pub struct PplReport {
     pub coverage: Vec<LengthCoverage>,
     /// Windows that were already on disk when the run started.
     pub resumed: usize,
-    /// False when interrupted; then no summary or plot is written.
+    /// False when the run (or its shard) was interrupted; then no summary or plot is written.
     pub complete: bool,
+    /// The shard this run covers: a complete shard writes no summary (merge does).
+    pub shard: Option<Shard>,
     /// The run folder.
     pub out_dir: PathBuf,
 }
@@ -240,15 +236,17 @@ fn format_ppl(p: f64) -> String {
 pub struct PplJob<'a> {
     /// The model.
     pub model: &'a dyn EvalModel,
+    /// Copies of the model on further devices: with any, one worker runs per model.
+    pub extra_workers: &'a [&'a dyn EvalModel],
     /// Tokenized documents.
     pub docs: &'a [TokenizedDoc],
     /// Lengths, windows and pred-len.
     pub settings: &'a PplSettings,
-    /// One method, or vanilla and DeciMamba with `--compare`.
+    /// The methods, side by side on identical windows.
     pub methods: &'a [Method],
     /// The run folder (resumed when it already holds this run).
     pub out_dir: &'a Path,
-    /// Progress and interruption.
+    /// Progress, interruption, batching and the shard.
     pub options: &'a RunOptions,
 }
 
@@ -280,6 +278,8 @@ impl PplJob<'_> {
                 "documents": self.docs.len(),
                 "tokens": self.docs.iter().map(|d| d.tokens.len()).sum::<usize>(),
                 "fnv1a64": format!("{:016x}", fnv1a64(&h)),
+                // Each document's length decides its windows: a merge lists them from this.
+                "document_tokens": self.docs.iter().map(|d| d.tokens.len()).collect::<Vec<_>>(),
             },
             "lengths": self.settings.lengths,
             "windows": self.settings.windows,
@@ -327,266 +327,351 @@ impl PplJob<'_> {
     }
 }
 
-/// Runs (or resumes) the perplexity evaluation, streaming each window to
-/// `results.jsonl`; when complete, writes `results.json`, `summary.json` and
-/// `perplexity.png` atomically.
-/// One window to score: (length, document, window, start, method).
-type WindowUnit<'a> = (usize, usize, usize, usize, &'a Method);
+/// One work unit: window `window` (at token `start`) of document `doc` at context length
+/// `length`, under method `method` (an index into the run's methods).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PplUnit {
+    pub method: usize,
+    pub length: usize,
+    pub doc: usize,
+    pub window: usize,
+    pub start: usize,
+}
 
+/// What a perplexity run is, read back from its `run.json`: enough to list its units and
+/// write its report without the model or the documents.
+#[derive(Debug, Clone)]
+pub struct PplPlan {
+    pub model_name: String,
+    /// Tokens of each document, in load order.
+    pub document_tokens: Vec<usize>,
+    pub settings: PplSettings,
+    pub methods: Vec<Method>,
+    /// In canonical order: length, document, window, then method.
+    units: Vec<PplUnit>,
+}
+
+fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str) -> Result<T> {
+    serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
+        .with_context(|| format!("run.json: bad or missing \"{key}\""))
+}
+
+impl PplPlan {
+    /// The plan a perplexity `run.json` (without its shard) describes.
+    pub fn from_run_settings(v: &Value) -> Result<Self> {
+        if v.get("eval").and_then(Value::as_str) != Some("perplexity") {
+            bail!("run.json does not describe a perplexity run");
+        }
+        let settings = PplSettings {
+            lengths: field(v, "lengths")?,
+            windows: field(v, "windows")?,
+            pred_len: field(v, "pred_len")?,
+        };
+        let methods: Vec<Method> = field(v, "methods")?;
+        let document_tokens: Vec<usize> = field(&field::<Value>(v, "data")?, "document_tokens")?;
+        let mut units = Vec::new();
+        for &length in &settings.lengths {
+            for (doc, &tokens) in document_tokens.iter().enumerate() {
+                for (window, start) in window_starts(tokens, length, settings.windows)
+                    .into_iter()
+                    .enumerate()
+                {
+                    for method in 0..methods.len() {
+                        units.push(PplUnit {
+                            method,
+                            length,
+                            doc,
+                            window,
+                            start,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(PplPlan {
+            model_name: field::<Value>(v, "model")?
+                .get("name")
+                .and_then(Value::as_str)
+                .context("run.json: the model has no name")?
+                .to_string(),
+            document_tokens,
+            settings,
+            methods,
+            units,
+        })
+    }
+
+    fn windows_of(&self, doc: usize, length: usize) -> usize {
+        window_starts(self.document_tokens[doc], length, self.settings.windows).len()
+    }
+
+    /// Document coverage per length, as planned.
+    fn coverage(&self) -> Vec<LengthCoverage> {
+        let docs = self.document_tokens.len();
+        self.settings
+            .lengths
+            .iter()
+            .map(|&w| {
+                let used = self.document_tokens.iter().filter(|&&t| t >= w).count();
+                LengthCoverage {
+                    length: w,
+                    docs_used: used,
+                    docs_skipped: docs - used,
+                    windows: (0..docs).map(|d| self.windows_of(d, w)).sum(),
+                }
+            })
+            .collect()
+    }
+
+    /// The report of a run's finished windows. A partial run (or a shard) counts only the
+    /// windows every method finished, and its coverage is what was done.
+    pub fn report(&self, mut outcome: SweepOutcome<WindowResult>, out_dir: &Path) -> PplReport {
+        let s = &self.settings;
+        let complete = outcome.complete();
+        let whole = complete && outcome.shard.is_none();
+        let done = &outcome.done;
+        let finished_by_all = |w: usize, di: usize, wi: usize| {
+            self.methods
+                .iter()
+                .all(|m| done.contains_key(&window_id(&m.name, w, di, wi)))
+        };
+        let mut in_table: HashSet<(usize, usize, usize)> = HashSet::new();
+        for &w in &s.lengths {
+            for di in 0..self.document_tokens.len() {
+                for wi in 0..self.windows_of(di, w) {
+                    if finished_by_all(w, di, wi) {
+                        in_table.insert((w, di, wi));
+                    }
+                }
+            }
+        }
+        let mut coverage = self.coverage();
+        if !whole {
+            for c in &mut coverage {
+                let done_here: Vec<usize> = in_table
+                    .iter()
+                    .filter(|(w, _, _)| *w == c.length)
+                    .map(|(_, di, _)| *di)
+                    .collect();
+                c.windows = done_here.len();
+                c.docs_used = done_here.iter().collect::<HashSet<_>>().len();
+            }
+        }
+        let mut windows = Vec::with_capacity(outcome.done.len());
+        let mut rows = Vec::new();
+        for m in &self.methods {
+            for &w in &s.lengths {
+                let mut sum = 0.0;
+                let mut n = 0usize;
+                for di in 0..self.document_tokens.len() {
+                    for wi in 0..self.windows_of(di, w) {
+                        if let Some(r) = outcome.done.remove(&window_id(&m.name, w, di, wi)) {
+                            if in_table.contains(&(w, di, wi)) {
+                                sum += r.mean_nll;
+                                n += 1;
+                            }
+                            windows.push(r);
+                        }
+                    }
+                }
+                let mean = (n > 0).then(|| sum / n as f64);
+                rows.push(PplRow {
+                    method: m.name.clone(),
+                    length: w,
+                    perplexity: mean.map(f64::exp),
+                    mean_nll: mean,
+                    windows: n,
+                });
+            }
+        }
+        PplReport {
+            methods: self.methods.iter().map(|m| m.name.clone()).collect(),
+            pred_len: s.pred_len,
+            windows,
+            rows,
+            coverage,
+            resumed: outcome.resumed,
+            complete,
+            shard: outcome.shard,
+            out_dir: out_dir.to_path_buf(),
+        }
+    }
+
+    /// Writes `results.json`, `summary.json` and `perplexity.png` of a complete run.
+    pub fn write_outputs(&self, dir: &Path, report: &PplReport) -> Result<()> {
+        atomic_write_json(&dir.join(files::RESULTS_JSON), &report.windows)?;
+        atomic_write_json(&dir.join(files::SUMMARY_JSON), &self.summary_json(report))?;
+        let series: Vec<LineSeries> = report
+            .methods
+            .iter()
+            .map(|m| LineSeries {
+                name: m.clone(),
+                points: report
+                    .rows
+                    .iter()
+                    .filter(|r| &r.method == m)
+                    .filter_map(|r| r.perplexity.map(|p| (r.length as f64, p)))
+                    .collect(),
+            })
+            .collect();
+        ppl_line_plot(
+            &dir.join(files::PLOT_PNG),
+            &format!("{} — perplexity vs context length", self.model_name),
+            &series,
+        )
+    }
+
+    /// The summary written to `summary.json`.
+    pub fn summary_json(&self, report: &PplReport) -> Value {
+        json!({
+            "eval": "perplexity",
+            "model": self.model_name,
+            "documents": self.document_tokens.len(),
+            "lengths": self.settings.lengths,
+            "windows_per_document": self.settings.windows,
+            "pred_len": self.settings.pred_len,
+            "length_unit": "tokens; k = 1024",
+            "methods": self.methods,
+            "coverage": report.coverage,
+            "perplexity": report.rows,
+        })
+    }
+}
+
+fn window_id(method: &str, length: usize, doc: usize, window: usize) -> String {
+    format!("{method}\u{1f}{length}\u{1f}{doc}\u{1f}{window}")
+}
+
+impl SweepUnits for PplPlan {
+    type Unit = PplUnit;
+    type Record = WindowResult;
+    const UNIT_NAME: &'static str = "windows";
+
+    fn units(&self) -> &[PplUnit] {
+        &self.units
+    }
+
+    fn unit_id(&self, u: &PplUnit) -> String {
+        window_id(&self.methods[u.method].name, u.length, u.doc, u.window)
+    }
+
+    fn record_id(&self, r: &WindowResult) -> String {
+        window_id(&r.method, r.length, r.doc, r.window)
+    }
+
+    fn describe(&self, u: &PplUnit) -> String {
+        format!(
+            "{} at length {}, document {} window {}",
+            self.methods[u.method].name, u.length, u.doc, u.window
+        )
+    }
+}
+
+/// The perplexity sweep: the plan's windows, scored on the documents.
+struct PplSweep<'a> {
+    plan: &'a PplPlan,
+    docs: &'a [TokenizedDoc],
+}
+
+impl SweepUnits for PplSweep<'_> {
+    type Unit = PplUnit;
+    type Record = WindowResult;
+    const UNIT_NAME: &'static str = "windows";
+
+    fn units(&self) -> &[PplUnit] {
+        self.plan.units()
+    }
+    fn unit_id(&self, u: &PplUnit) -> String {
+        self.plan.unit_id(u)
+    }
+    fn record_id(&self, r: &WindowResult) -> String {
+        self.plan.record_id(r)
+    }
+    fn describe(&self, u: &PplUnit) -> String {
+        let m = &self.plan.methods[u.method].name;
+        let doc = &self.docs[u.doc].name;
+        format!(
+            "{m} at length {}, document {doc} window {}",
+            u.length, u.window
+        )
+    }
+}
+
+impl Sweep for PplSweep<'_> {
+    fn batch_key(&self, u: &PplUnit) -> String {
+        format!("{}\u{1f}{}", u.length, u.method)
+    }
+
+    fn score(&self, model: &dyn EvalModel, units: &[&PplUnit]) -> Result<Vec<WindowResult>> {
+        let pred_len = self.plan.settings.pred_len;
+        let method = &self.plan.methods[units[0].method];
+        let windows: Vec<&[u32]> = units
+            .iter()
+            .map(|u| &self.docs[u.doc].tokens[u.start..u.start + u.length])
+            .collect();
+        let scores = match windows.as_slice() {
+            [one] => vec![model.score_tail(one, pred_len, &method.policy)?],
+            many => model.score_tails(many, pred_len, &method.policy)?,
+        };
+        units
+            .iter()
+            .zip(scores)
+            .map(|(u, score)| {
+                if score.nll.len() != pred_len {
+                    bail!(
+                        "the model returned {} NLLs for a window, expected --pred-len {pred_len}",
+                        score.nll.len()
+                    );
+                }
+                let mean_nll =
+                    score.nll.iter().map(|x| f64::from(*x)).sum::<f64>() / score.nll.len() as f64;
+                Ok(WindowResult {
+                    method: method.name.clone(),
+                    length: u.length,
+                    doc: u.doc,
+                    doc_name: self.docs[u.doc].name.clone(),
+                    window: u.window,
+                    start: u.start,
+                    mean_nll,
+                    scored_tokens: score.nll.len(),
+                    forward_secs: score.forward_secs,
+                    kept_per_layer: score.kept_per_layer,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs (or resumes) the perplexity evaluation (or its shard), streaming each window to
+/// `results.jsonl`; when the whole run is complete, writes `results.json`, `summary.json`
+/// and `perplexity.png` atomically.
 pub fn run_ppl(job: &PplJob) -> Result<PplReport> {
     job.validate()?;
-    let s = job.settings;
-    let (mut log, prior) = RunLog::open::<WindowResult>(job.out_dir, &job.run_settings()?)?;
-    let mut done: HashMap<WindowKey, WindowResult> = HashMap::new();
-    for r in prior {
-        done.insert(window_key(&r.method, r.length, r.doc, r.window), r);
-    }
-    let resumed = done.len();
-
-    let coverage: Vec<LengthCoverage> = s
-        .lengths
-        .iter()
-        .map(|&w| {
-            let used = job.docs.iter().filter(|d| d.tokens.len() >= w).count();
-            LengthCoverage {
-                length: w,
-                docs_used: used,
-                docs_skipped: job.docs.len() - used,
-                windows: job
-                    .docs
-                    .iter()
-                    .map(|d| window_starts(d.tokens.len(), w, s.windows).len())
-                    .sum(),
-            }
-        })
+    let settings = job.run_settings()?;
+    // The plan is read back from the settings, as `merge` reads it.
+    let plan = PplPlan::from_run_settings(&settings)?;
+    let sweep = PplSweep {
+        plan: &plan,
+        docs: job.docs,
+    };
+    let workers: Vec<&dyn EvalModel> = std::iter::once(job.model)
+        .chain(job.extra_workers.iter().copied())
         .collect();
-    let total: usize = coverage.iter().map(|c| c.windows).sum::<usize>() * job.methods.len();
-    let pb = progress_bar(total as u64, job.options.quiet, "perplexity");
-    pb.set_position(resumed.min(total) as u64);
-    pb.reset_eta();
-    if resumed > 0 && !job.options.quiet {
-        pb.suspend(|| {
-            eprintln!(
-                "resuming: {resumed} finished windows are already in {}",
-                log.results_path().display()
-            )
-        });
-    }
-
-    // The work: (length, doc, window, method) in run order; with a batch size above 1 the
-    // windows of one length and method are scored together, in that order.
-    let mut units: Vec<WindowUnit> = Vec::new();
-    for &w in &s.lengths {
-        for (di, doc) in job.docs.iter().enumerate() {
-            for (wi, &start) in window_starts(doc.tokens.len(), w, s.windows)
-                .iter()
-                .enumerate()
-            {
-                for m in job.methods {
-                    if !done.contains_key(&window_key(&m.name, w, di, wi)) {
-                        units.push((w, di, wi, start, m));
-                    }
-                }
-            }
-        }
-    }
-    let batch_size = job.options.batch_size.max(1);
-    let groups: Vec<Vec<WindowUnit>> = match batch_size {
-        1 => units.into_iter().map(|u| vec![u]).collect(),
-        _ => {
-            let mut by_key: Vec<((usize, &str), Vec<_>)> = Vec::new();
-            for u in units {
-                let key = (u.0, u.4.name.as_str());
-                match by_key.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, v)) => v.push(u),
-                    None => by_key.push((key, vec![u])),
-                }
-            }
-            by_key
-                .into_iter()
-                .flat_map(|(_, v)| v.chunks(batch_size).map(|c| c.to_vec()).collect::<Vec<_>>())
-                .collect()
-        }
-    };
-
-    let mut interrupted = false;
-    for group in groups {
-        if job.options.stopped() {
-            interrupted = true;
-            break;
-        }
-        let (w, di, wi, _, m) = group[0];
-        pb.set_message(format!(
-            "{} {} doc {di} window {wi}{}",
-            m.name,
-            format_length(w),
-            if group.len() > 1 {
-                format!(" (+{} more)", group.len() - 1)
-            } else {
-                String::new()
-            }
-        ));
-        let windows: Vec<&[u32]> = group
-            .iter()
-            .map(|&(w, di, _, start, _)| &job.docs[di].tokens[start..start + w])
-            .collect();
-        let scores = match job.model.score_tails(&windows, s.pred_len, &m.policy) {
-            Ok(scores) => scores,
-            // Ctrl-C stopped the forward pass: these windows are abandoned.
-            Err(_) if job.options.stopped() => {
-                interrupted = true;
-                break;
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "{} failed at length {w}, document {} window {wi} \
-                     (finished windows are saved in {})",
-                    m.name,
-                    job.docs[di].name,
-                    log.results_path().display()
-                )))
-            }
-        };
-        for (&(w, di, wi, start, m), score) in group.iter().zip(scores) {
-            if score.nll.len() != s.pred_len {
-                bail!(
-                    "the model returned {} NLLs for a window, expected --pred-len {}",
-                    score.nll.len(),
-                    s.pred_len
-                );
-            }
-            let mean_nll =
-                score.nll.iter().map(|x| f64::from(*x)).sum::<f64>() / score.nll.len() as f64;
-            let rec = WindowResult {
-                method: m.name.clone(),
-                length: w,
-                doc: di,
-                doc_name: job.docs[di].name.clone(),
-                window: wi,
-                start,
-                mean_nll,
-                scored_tokens: score.nll.len(),
-                forward_secs: score.forward_secs,
-                kept_per_layer: score.kept_per_layer,
-            };
-            log.append(&rec)?;
-            done.insert(window_key(&m.name, w, di, wi), rec);
-            pb.inc(1);
-        }
-    }
-    pb.finish_and_clear();
-
-    let complete = !interrupted && done.len() == total;
-    // A partial table compares methods on the same windows: those every method finished.
-    let finished_by_all = |w: usize, di: usize, wi: usize| {
-        job.methods
-            .iter()
-            .all(|m| done.contains_key(&window_key(&m.name, w, di, wi)))
-    };
-    let mut in_table: HashSet<(usize, usize, usize)> = HashSet::new();
-    for &w in &s.lengths {
-        for (di, doc) in job.docs.iter().enumerate() {
-            for wi in 0..window_starts(doc.tokens.len(), w, s.windows).len() {
-                if finished_by_all(w, di, wi) {
-                    in_table.insert((w, di, wi));
-                }
-            }
-        }
-    }
-    // A partial run's coverage is what was done, not what was planned.
-    let mut coverage = coverage;
-    if !complete {
-        for c in &mut coverage {
-            let done_here: Vec<usize> = in_table
-                .iter()
-                .filter(|(w, _, _)| *w == c.length)
-                .map(|(_, di, _)| *di)
-                .collect();
-            c.windows = done_here.len();
-            c.docs_used = done_here.iter().collect::<HashSet<_>>().len();
-        }
-    }
-    let mut windows = Vec::with_capacity(done.len());
-    let mut rows = Vec::new();
-    for m in job.methods {
-        for &w in &s.lengths {
-            let mut sum = 0.0;
-            let mut n = 0usize;
-            for (di, doc) in job.docs.iter().enumerate() {
-                for wi in 0..window_starts(doc.tokens.len(), w, s.windows).len() {
-                    if let Some(r) = done.remove(&window_key(&m.name, w, di, wi)) {
-                        if in_table.contains(&(w, di, wi)) {
-                            sum += r.mean_nll;
-                            n += 1;
-                        }
-                        windows.push(r);
-                    }
-                }
-            }
-            let mean = (n > 0).then(|| sum / n as f64);
-            rows.push(PplRow {
-                method: m.name.clone(),
-                length: w,
-                perplexity: mean.map(f64::exp),
-                mean_nll: mean,
-                windows: n,
-            });
-        }
-    }
-    let report = PplReport {
-        methods: job.methods.iter().map(|m| m.name.clone()).collect(),
-        pred_len: s.pred_len,
-        windows,
-        rows,
-        coverage,
-        resumed,
-        complete,
-        out_dir: job.out_dir.to_path_buf(),
-    };
-    if complete {
-        write_outputs(job, &report)?;
+    let outcome = run_sweep(
+        &sweep,
+        &SweepSetup {
+            out_dir: job.out_dir,
+            settings: &settings,
+            options: job.options,
+            workers: &workers,
+            label: "perplexity",
+        },
+    )?;
+    let report = plan.report(outcome, job.out_dir);
+    if report.complete && report.shard.is_none() {
+        plan.write_outputs(job.out_dir, &report)?;
     }
     Ok(report)
-}
-
-fn write_outputs(job: &PplJob, report: &PplReport) -> Result<()> {
-    let dir = job.out_dir;
-    atomic_write_json(&dir.join(files::RESULTS_JSON), &report.windows)?;
-    atomic_write_json(&dir.join(files::SUMMARY_JSON), &summary_json(job, report))?;
-    let series: Vec<LineSeries> = report
-        .methods
-        .iter()
-        .map(|m| LineSeries {
-            name: m.clone(),
-            points: report
-                .rows
-                .iter()
-                .filter(|r| &r.method == m)
-                .filter_map(|r| r.perplexity.map(|p| (r.length as f64, p)))
-                .collect(),
-        })
-        .collect();
-    ppl_line_plot(
-        &dir.join(files::PLOT_PNG),
-        &format!("{} — perplexity vs context length", job.model.name()),
-        &series,
-    )
-}
-
-/// The summary written to `summary.json`.
-pub fn summary_json(job: &PplJob, report: &PplReport) -> Value {
-    json!({
-        "eval": "perplexity",
-        "model": job.model.name(),
-        "documents": job.docs.len(),
-        "lengths": job.settings.lengths,
-        "windows_per_document": job.settings.windows,
-        "pred_len": job.settings.pred_len,
-        "length_unit": "tokens; k = 1024",
-        "methods": job.methods,
-        "coverage": report.coverage,
-        "perplexity": report.rows,
-    })
 }
 
 #[cfg(test)]

@@ -897,6 +897,21 @@ pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
     Vec::new()
 }
 
+/// Free memory of a CUDA device in bytes (`None` on other devices or builds).
+pub fn gpu_free_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Asks the policy for each layer's plan. A chunk of a longer input is planned at the
 /// whole input's length (`whole_len`), so that every chunk runs the same plans.
 #[derive(Clone, Copy)]

@@ -7,10 +7,11 @@ use anyhow::{bail, Result};
 use decimamba::decimation::DecimationConfig;
 use decimamba::eval::{EvalModel, GreedyOutput, TailScore};
 use decimamba::Policy;
-use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 
 /// A byte-level fake model.
 #[derive(Default)]
@@ -26,11 +27,37 @@ pub struct FakeModel {
     /// Ctrl-C does (the real model errs with `Interrupted`).
     pub interrupt_at: Option<(usize, Arc<AtomicBool>)>,
     /// Calls made so far.
-    pub calls: Cell<usize>,
+    pub calls: Calls,
     /// (prompt length, decimated?) of every generate/score call.
-    pub log: RefCell<Vec<(usize, bool)>>,
+    pub log: CallLog,
     /// Tail NLLs: return this many values instead of `pred_len`.
     pub wrong_nll_count: Option<usize>,
+}
+
+/// A call counter the worker threads of a sweep can share.
+#[derive(Default)]
+pub struct Calls(AtomicUsize);
+
+impl Calls {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub fn set(&self, n: usize) {
+        self.0.store(n, Ordering::SeqCst)
+    }
+}
+
+/// The calls' log, shareable between worker threads.
+#[derive(Default)]
+pub struct CallLog(Mutex<Vec<(usize, bool)>>);
+
+impl CallLog {
+    pub fn borrow(&self) -> MutexGuard<'_, Vec<(usize, bool)>> {
+        self.0.lock().unwrap()
+    }
+    pub fn borrow_mut(&self) -> MutexGuard<'_, Vec<(usize, bool)>> {
+        self.0.lock().unwrap()
+    }
 }
 
 pub const NEEDLE_LEAD: &str = "The pass key is ";

@@ -9,19 +9,21 @@
 //! Prompt construction (see [`PromptBuilder`]) is exact and must not change:
 //! a shipped model was fine-tuned on exactly these prompts.
 
-use super::common::{
-    atomic_write_json, fnv1a64, format_length, mix_seed, progress_bar, render_table, strip_bom,
-    Method, RunOptions,
+mod grid;
+mod run;
+
+pub use grid::{CellStat, PasskeyGrid};
+pub use run::{
+    files, run_passkey, PasskeyJob, PasskeyPlan, PasskeyReport, PasskeySample, PasskeySettings,
+    PasskeyUnit,
 };
-use super::plot::{passkey_heatmap, HeatmapPanel};
-use super::runlog::RunLog;
+
+use super::common::{fnv1a64, mix_seed, strip_bom};
 use super::EvalModel;
 use anyhow::{bail, Context, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The built-in filler haystack (repeated as needed).
@@ -458,481 +460,6 @@ pub fn key_found(output: &str, key: u64) -> bool {
     output.split_whitespace().any(|t| t == k)
 }
 
-/// The grid and decoding settings of a passkey run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PasskeySettings {
-    /// Prompt lengths in tokens.
-    pub lengths: Vec<usize>,
-    /// Needle depths in [0, 1].
-    pub depths: Vec<f64>,
-    /// Samples per (length, depth) cell.
-    pub samples: usize,
-    /// Seed of the keys and haystack offsets.
-    pub seed: u64,
-    /// Most tokens to generate.
-    pub max_new_tokens: usize,
-}
-
-impl Default for PasskeySettings {
-    fn default() -> Self {
-        PasskeySettings {
-            lengths: (0..8).map(|i| 1024usize << i).collect(),
-            depths: vec![0.0, 0.25, 0.5, 0.75, 1.0],
-            samples: 1,
-            seed: 0,
-            max_new_tokens: 10,
-        }
-    }
-}
-
-/// One finished sample (a line of `results.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PasskeySample {
-    /// `vanilla` or `decimamba`.
-    pub method: String,
-    /// Prompt length in tokens.
-    pub length: usize,
-    /// Needle depth asked for.
-    pub depth: f64,
-    /// Sample index within the cell.
-    pub sample: usize,
-    /// Token offset of the needle in the prompt.
-    pub needle_position: usize,
-    /// The hidden key.
-    pub key: u64,
-    /// The generated text.
-    pub output: String,
-    /// Whether the key was found in the output.
-    pub success: bool,
-    /// Prefill wall-clock seconds.
-    pub prefill_secs: f64,
-    /// Tokens kept by each decimating layer (empty for vanilla).
-    pub kept_per_layer: Vec<usize>,
-}
-
-type SampleKey = (String, usize, u64, usize);
-
-fn sample_key(method: &str, length: usize, depth: f64, sample: usize) -> SampleKey {
-    (method.to_string(), length, depth.to_bits(), sample)
-}
-
-/// Successes over trials of one cell.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct CellStat {
-    /// Successful samples.
-    pub successes: usize,
-    /// Finished samples.
-    pub total: usize,
-}
-
-impl CellStat {
-    /// The success fraction, `None` without samples.
-    pub fn fraction(&self) -> Option<f64> {
-        (self.total > 0).then(|| self.successes as f64 / self.total as f64)
-    }
-}
-
-/// Success fractions per method, depth and length.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PasskeyGrid {
-    /// Column values.
-    pub lengths: Vec<usize>,
-    /// Row values.
-    pub depths: Vec<f64>,
-    /// Method names, in run order.
-    pub methods: Vec<String>,
-    /// `cells[method][depth][length]`.
-    pub cells: Vec<Vec<Vec<CellStat>>>,
-}
-
-impl PasskeyGrid {
-    /// Tallies `samples` into the grid of `lengths` × `depths` for `methods`;
-    /// samples outside the grid are ignored.
-    pub fn from_samples(
-        lengths: &[usize],
-        depths: &[f64],
-        methods: &[String],
-        samples: &[PasskeySample],
-    ) -> Self {
-        let mut cells =
-            vec![vec![vec![CellStat::default(); lengths.len()]; depths.len()]; methods.len()];
-        for s in samples {
-            let m = methods.iter().position(|m| *m == s.method);
-            let d = depths.iter().position(|d| d.to_bits() == s.depth.to_bits());
-            let l = lengths.iter().position(|l| *l == s.length);
-            if let (Some(m), Some(d), Some(l)) = (m, d, l) {
-                let c = &mut cells[m][d][l];
-                c.total += 1;
-                c.successes += usize::from(s.success);
-            }
-        }
-        PasskeyGrid {
-            lengths: lengths.to_vec(),
-            depths: depths.to_vec(),
-            methods: methods.to_vec(),
-            cells,
-        }
-    }
-
-    /// Totals of a method over all depths at one length.
-    pub fn length_stat(&self, method: usize, length: usize) -> CellStat {
-        self.cells[method]
-            .iter()
-            .fold(CellStat::default(), |a, row| CellStat {
-                successes: a.successes + row[length].successes,
-                total: a.total + row[length].total,
-            })
-    }
-
-    /// Totals of a method over the whole grid.
-    pub fn overall(&self, method: usize) -> CellStat {
-        (0..self.lengths.len()).fold(CellStat::default(), |a, l| {
-            let s = self.length_stat(method, l);
-            CellStat {
-                successes: a.successes + s.successes,
-                total: a.total + s.total,
-            }
-        })
-    }
-
-    /// The terminal table: one block per method (stacked), rows = needle
-    /// depth, columns = context length, cells = success fraction.
-    pub fn table(&self) -> String {
-        let fmt = |c: CellStat| c.fraction().map_or("-".to_string(), |f| format!("{f:.2}"));
-        let mut out = String::new();
-        for (m, name) in self.methods.iter().enumerate() {
-            if m > 0 {
-                out.push('\n');
-            }
-            let overall = self.overall(m);
-            out.push_str(&format!(
-                "{name}: passkey success rate {} ({}/{}); rows: needle depth, columns: context length (K = 1024 tokens)\n",
-                fmt(overall),
-                overall.successes,
-                overall.total
-            ));
-            let mut header = vec!["depth".to_string()];
-            header.extend(self.lengths.iter().map(|l| format_length(*l)));
-            let mut rows: Vec<Vec<String>> = self
-                .depths
-                .iter()
-                .enumerate()
-                .map(|(d, depth)| {
-                    let mut r = vec![format!("{depth:.2}")];
-                    r.extend(self.cells[m][d].iter().map(|c| fmt(*c)));
-                    r
-                })
-                .collect();
-            let mut mean = vec!["all".to_string()];
-            mean.extend((0..self.lengths.len()).map(|l| fmt(self.length_stat(m, l))));
-            rows.push(mean);
-            out.push_str(&render_table(&header, &rows));
-        }
-        out
-    }
-
-    /// Heatmap panels, one per method.
-    pub fn panels(&self, model_name: &str) -> Vec<HeatmapPanel> {
-        self.methods
-            .iter()
-            .enumerate()
-            .map(|(m, name)| HeatmapPanel {
-                title: format!("{model_name} — {name}"),
-                x_labels: self.lengths.iter().map(|l| format_length(*l)).collect(),
-                y_labels: self.depths.iter().map(|d| format!("{d:.2}")).collect(),
-                values: self.cells[m]
-                    .iter()
-                    .map(|row| row.iter().map(|c| c.fraction()).collect())
-                    .collect(),
-            })
-            .collect()
-    }
-}
-
-/// Everything a passkey run needs.
-pub struct PasskeyJob<'a> {
-    /// The model.
-    pub model: &'a dyn EvalModel,
-    /// The prompt template.
-    pub template: &'a PasskeyTemplate,
-    /// The haystack.
-    pub haystack: &'a Haystack,
-    /// Grid and decoding settings.
-    pub settings: &'a PasskeySettings,
-    /// One method, or vanilla and DeciMamba with `--compare`.
-    pub methods: &'a [Method],
-    /// The run folder (resumed when it already holds this run).
-    pub out_dir: &'a Path,
-    /// Progress and interruption.
-    pub options: &'a RunOptions,
-}
-
-/// File names inside a passkey run folder.
-pub mod files {
-    /// All samples, in grid order.
-    pub const RESULTS_JSON: &str = "results.json";
-    /// Success fractions per method and cell.
-    pub const SUMMARY_JSON: &str = "summary.json";
-    /// The heatmap.
-    pub const HEATMAP_PNG: &str = "heatmap.png";
-}
-
-/// What [`run_passkey`] returns.
-#[derive(Debug, Clone)]
-pub struct PasskeyReport {
-    /// All finished samples, in grid order.
-    pub samples: Vec<PasskeySample>,
-    /// Their tally.
-    pub grid: PasskeyGrid,
-    /// Samples that were already on disk when the run started.
-    pub resumed: usize,
-    /// False when the run was interrupted; then no summary or plot is written.
-    pub complete: bool,
-    /// The run folder.
-    pub out_dir: PathBuf,
-}
-
-impl PasskeyJob<'_> {
-    /// The settings recorded in `run.json`; a rerun must match them to resume.
-    pub fn run_settings(&self) -> Result<Value> {
-        Ok(json!({
-            "eval": "passkey",
-            "model": self.model.identity()?,
-            "template": self.template,
-            "haystack": {
-                "sentences": self.haystack.sentences().len(),
-                "fnv1a64": self.haystack.fingerprint(),
-            },
-            "lengths": self.settings.lengths,
-            "depths": self.settings.depths,
-            "samples": self.settings.samples,
-            "seed": self.settings.seed,
-            "max_new_tokens": self.settings.max_new_tokens,
-            "methods": self.methods,
-        }))
-    }
-
-    fn validate(&self, builder: &PromptBuilder) -> Result<()> {
-        let s = self.settings;
-        if s.lengths.is_empty() || s.depths.is_empty() {
-            bail!("the grid is empty: give at least one length and one depth");
-        }
-        if s.samples == 0 {
-            bail!("--samples must be at least 1");
-        }
-        if s.max_new_tokens == 0 {
-            bail!("--max-new-tokens must be at least 1");
-        }
-        if self.methods.is_empty() {
-            bail!("no method to run");
-        }
-        let names: HashSet<&str> = self.methods.iter().map(|m| m.name.as_str()).collect();
-        if names.len() != self.methods.len() {
-            bail!("method names must be distinct");
-        }
-        if let Some(d) = s.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
-            bail!("depth {d} is outside [0, 1]");
-        }
-        let needed = builder
-            .template_tokens(self.template.key_max)?
-            .max(builder.template_tokens(self.template.key_min)?);
-        if let Some(l) = s.lengths.iter().find(|l| **l <= needed) {
-            bail!("length {l} is shorter than the template ({needed} tokens)");
-        }
-        Ok(())
-    }
-}
-
-/// Runs (or resumes) the passkey grid, streaming each sample to
-/// `results.jsonl`; when complete, writes `results.json`, `summary.json` and
-/// `heatmap.png` atomically.
-pub fn run_passkey(job: &PasskeyJob) -> Result<PasskeyReport> {
-    let model = job.model;
-    let s = job.settings;
-    let mut builder = PromptBuilder::new(model, job.template, job.haystack)?;
-    job.validate(&builder)?;
-    let (mut log, prior) = RunLog::open::<PasskeySample>(job.out_dir, &job.run_settings()?)?;
-
-    let mut done: HashMap<SampleKey, PasskeySample> = HashMap::new();
-    for r in prior {
-        done.insert(sample_key(&r.method, r.length, r.depth, r.sample), r);
-    }
-    let resumed = done.len();
-    let total = s.lengths.len() * s.depths.len() * s.samples * job.methods.len();
-    let pb = progress_bar(total as u64, job.options.quiet, "passkey");
-    pb.set_position(resumed.min(total) as u64);
-    pb.reset_eta();
-    if resumed > 0 && !job.options.quiet {
-        pb.suspend(|| {
-            eprintln!(
-                "resuming: {resumed} finished samples are already in {}",
-                log.results_path().display()
-            )
-        });
-    }
-
-    let mut interrupted = false;
-    'grid: for &length in &s.lengths {
-        for &depth in &s.depths {
-            for sample in 0..s.samples {
-                let todo: Vec<&Method> = job
-                    .methods
-                    .iter()
-                    .filter(|m| !done.contains_key(&sample_key(&m.name, length, depth, sample)))
-                    .collect();
-                if todo.is_empty() {
-                    continue;
-                }
-                let mut rng = StdRng::seed_from_u64(cell_seed(s.seed, length, depth, sample));
-                let prompt = builder.sample(length, depth, &mut rng)?;
-                for m in todo {
-                    if job.options.stopped() {
-                        interrupted = true;
-                        break 'grid;
-                    }
-                    pb.set_message(format!(
-                        "{} {} depth {depth:.2}",
-                        m.name,
-                        format_length(length)
-                    ));
-                    let out = match model.generate_greedy(&prompt.ids, s.max_new_tokens, &m.policy)
-                    {
-                        Ok(out) => out,
-                        // Ctrl-C stopped the prefill: this sample is abandoned.
-                        Err(_) if job.options.stopped() => {
-                            interrupted = true;
-                            break 'grid;
-                        }
-                        Err(e) => {
-                            return Err(e.context(format!(
-                                "{} failed at length {length}, depth {depth}, sample {sample} \
-                                 (finished samples are saved in {})",
-                                m.name,
-                                log.results_path().display()
-                            )))
-                        }
-                    };
-                    let rec = PasskeySample {
-                        method: m.name.clone(),
-                        length,
-                        depth,
-                        sample,
-                        needle_position: prompt.needle_position,
-                        key: prompt.key,
-                        success: key_found(&out.text, prompt.key),
-                        output: out.text,
-                        prefill_secs: out.prefill_secs,
-                        kept_per_layer: out.kept_per_layer,
-                    };
-                    log.append(&rec)?;
-                    done.insert(sample_key(&m.name, length, depth, sample), rec);
-                    pb.inc(1);
-                }
-            }
-        }
-    }
-    pb.finish_and_clear();
-
-    // Collect in grid order.
-    let mut samples = Vec::with_capacity(done.len());
-    for m in job.methods {
-        for &length in &s.lengths {
-            for &depth in &s.depths {
-                for sample in 0..s.samples {
-                    if let Some(r) = done.remove(&sample_key(&m.name, length, depth, sample)) {
-                        samples.push(r);
-                    }
-                }
-            }
-        }
-    }
-    let method_names: Vec<String> = job.methods.iter().map(|m| m.name.clone()).collect();
-    let complete = !interrupted && samples.len() == total;
-    let grid = if complete {
-        PasskeyGrid::from_samples(&s.lengths, &s.depths, &method_names, &samples)
-    } else {
-        // A partial grid compares methods on the same samples: those every method finished.
-        let mut finished: HashMap<SampleKey, usize> = HashMap::new();
-        for r in &samples {
-            *finished
-                .entry(sample_key("", r.length, r.depth, r.sample))
-                .or_default() += 1;
-        }
-        let common: Vec<PasskeySample> = samples
-            .iter()
-            .filter(|r| finished[&sample_key("", r.length, r.depth, r.sample)] == job.methods.len())
-            .cloned()
-            .collect();
-        PasskeyGrid::from_samples(&s.lengths, &s.depths, &method_names, &common)
-    };
-    let report = PasskeyReport {
-        samples,
-        grid,
-        resumed,
-        complete,
-        out_dir: job.out_dir.to_path_buf(),
-    };
-    if complete {
-        write_outputs(job, &report)?;
-    }
-    Ok(report)
-}
-
-fn write_outputs(job: &PasskeyJob, report: &PasskeyReport) -> Result<()> {
-    let dir = job.out_dir;
-    atomic_write_json(&dir.join(files::RESULTS_JSON), &report.samples)?;
-    atomic_write_json(
-        &dir.join(files::SUMMARY_JSON),
-        &summary_json(job, &report.grid),
-    )?;
-    passkey_heatmap(
-        &dir.join(files::HEATMAP_PNG),
-        &report.grid.panels(&job.model.name()),
-    )?;
-    Ok(())
-}
-
-/// The summary written to `summary.json`.
-pub fn summary_json(job: &PasskeyJob, grid: &PasskeyGrid) -> Value {
-    let methods: Vec<Value> = job
-        .methods
-        .iter()
-        .enumerate()
-        .map(|(m, method)| {
-            let overall = grid.overall(m);
-            let mut v = json!({
-                "method": method.name,
-                "decimation": method.decimation(),
-                "success": overall.fraction(),
-                "successes": overall.successes,
-                "samples": overall.total,
-                "per_length": grid.lengths.iter().enumerate().map(|(l, len)| {
-                    let st = grid.length_stat(m, l);
-                    json!({"length": len, "success": st.fraction(), "successes": st.successes, "samples": st.total})
-                }).collect::<Vec<_>>(),
-                "grid": grid.cells[m].iter().map(|row| row.iter().map(|c| c.fraction()).collect::<Vec<_>>()).collect::<Vec<_>>(),
-            });
-            if let Some(p) = method.policy_json() {
-                v["policy"] = p;
-            }
-            v
-        })
-        .collect();
-    json!({
-        "eval": "passkey",
-        "model": job.model.name(),
-        "template": job.template.name,
-        "haystack": job.haystack.source,
-        "lengths": grid.lengths,
-        "depths": grid.depths,
-        "samples_per_cell": job.settings.samples,
-        "seed": job.settings.seed,
-        "max_new_tokens": job.settings.max_new_tokens,
-        "grid_layout": "grid[depth][length] = success fraction",
-        "methods": methods,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1102,11 +629,11 @@ mod tests {
 
     #[test]
     fn sentence_encodings_are_cached() {
-        use std::cell::Cell;
-        struct Counting(Cell<usize>);
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(AtomicUsize);
         impl EvalModel for Counting {
             fn encode(&self, text: &str) -> Result<Vec<u32>> {
-                self.0.set(self.0.get() + 1);
+                self.0.fetch_add(1, Ordering::SeqCst);
                 Bytes.encode(text)
             }
             fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -1122,13 +649,13 @@ mod tests {
                 "c".into()
             }
         }
-        let m = Counting(Cell::new(0));
+        let m = Counting(AtomicUsize::new(0));
         let t = PasskeyTemplate::authors();
         let h = Haystack::from_text("x", &FILLER.repeat(50)).unwrap();
         let mut b = PromptBuilder::new(&m, &t, &h).unwrap();
         b.build(20_000, 0.5, 1, 0).unwrap();
         b.build(20_000, 0.25, 2, 3).unwrap();
         // prefix + suffix + 5 distinct sentences + 2 needles.
-        assert_eq!(m.0.get(), 2 + 5 + 2);
+        assert_eq!(m.0.load(Ordering::SeqCst), 2 + 5 + 2);
     }
 }

@@ -1,6 +1,10 @@
 //! Text generation: one (optionally decimated) prefill, then recurrent decode steps.
 //! Sampling uses candle-transformers' `LogitsProcessor` and `apply_repeat_penalty`.
 
+mod batch;
+
+pub use batch::generate_batch;
+
 use crate::model::{ForwardOptions, ForwardTrace, LogitsSpan, MambaModel};
 use crate::policy::ContextPolicy;
 use anyhow::{bail, Context, Result};

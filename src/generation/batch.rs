@@ -1,0 +1,112 @@
+//! Batched generation: prompts of one length prefilled as one `[batch, len]` input, then
+//! decoded together, one step for every row at a time. Each row keeps its own sampler,
+//! seeded as a generation of that prompt alone would be, so the outputs equal generating
+//! the prompts one by one. Rows that stop early (EOS or their budget) keep stepping on a
+//! dummy token, which touches no other row's state, until every row is done.
+
+use super::{choose_next, GenerateOutput, GenerateParams};
+use crate::model::{ForwardOptions, LogitsSpan, MambaModel};
+use crate::policy::ContextPolicy;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use candle_transformers::generation::LogitsProcessor;
+use std::time::Instant;
+
+/// Generates after each of `prompts` (all of one length) in one batch.
+pub fn generate_batch(
+    model: &MambaModel,
+    prompts: &[&[u32]],
+    params: &GenerateParams,
+    policy: Option<&dyn ContextPolicy>,
+    eos: Option<u32>,
+) -> Result<Vec<GenerateOutput>> {
+    let Some(first) = prompts.first() else {
+        return Ok(Vec::new());
+    };
+    let len = first.len();
+    if len == 0 {
+        bail!("the prompt is empty: nothing to condition on");
+    }
+    if prompts.iter().any(|p| p.len() != len) {
+        bail!("a batch of prompts must share one length (group prompts by length)");
+    }
+    if params.prefill_chunk.is_some() && policy.is_some() {
+        bail!("chunked prefill cannot run a context policy: it plans on the whole prompt at once");
+    }
+    let batch = prompts.len();
+    let sampling = params.sampling()?;
+    let mut processors: Vec<LogitsProcessor> = (0..batch)
+        .map(|_| LogitsProcessor::from_sampling(params.seed, sampling.clone()))
+        .collect();
+    let mut state = model.new_state(batch);
+    let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+    let ids = Tensor::from_vec(flat, (batch, len), model.device())?;
+    let start = Instant::now();
+    let (mut logits, trace) = match params.prefill_chunk {
+        Some(chunk) => (
+            model.prefill_chunked(&ids, chunk, &mut state)?,
+            Default::default(),
+        ),
+        None => {
+            let opts = ForwardOptions {
+                policy,
+                protected_tail: 1,
+                logits: LogitsSpan::Last(1),
+                record_indices: false,
+                observer: None,
+            };
+            let (logits, trace) = model.forward_with_state(&ids, &mut state, &opts)?;
+            (logits.context("no logits")?.squeeze(1)?, trace)
+        }
+    };
+    let prefill_secs = start.elapsed().as_secs_f64() / batch as f64;
+
+    let mut contexts: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut stopped_at_eos = vec![false; batch];
+    let mut decode_steps = vec![0usize; batch];
+    let mut active = vec![params.max_new_tokens > 0; batch];
+    let decode_start = Instant::now();
+    while active.iter().any(|&a| a) {
+        let mut next_ids = vec![0u32; batch];
+        for row in 0..batch {
+            if !active[row] {
+                continue;
+            }
+            let row_logits = logits.get(row)?;
+            let next = choose_next(&mut processors[row], &row_logits, params, &contexts[row])?;
+            if Some(next) == eos {
+                stopped_at_eos[row] = true;
+                active[row] = false;
+                continue;
+            }
+            tokens[row].push(next);
+            contexts[row].push(next);
+            next_ids[row] = next;
+            if tokens[row].len() == params.max_new_tokens {
+                active[row] = false;
+            }
+        }
+        if !active.iter().any(|&a| a) {
+            break;
+        }
+        logits = model.step(&next_ids, &mut state)?;
+        for (row, steps) in decode_steps.iter_mut().enumerate() {
+            if active[row] {
+                *steps += 1;
+            }
+        }
+    }
+    let decode_secs = decode_start.elapsed().as_secs_f64();
+    Ok((0..batch)
+        .map(|row| GenerateOutput {
+            tokens: std::mem::take(&mut tokens[row]),
+            prompt_len: len,
+            prefill_secs,
+            decode_secs,
+            decode_steps: decode_steps[row],
+            stopped_at_eos: stopped_at_eos[row],
+            trace: trace.clone(),
+        })
+        .collect())
+}
