@@ -304,3 +304,71 @@ fn a_batch_equals_its_rows_one_by_one_under_every_policy() {
         }
     }
 }
+
+#[test]
+fn batched_generation_equals_generating_each_prompt_alone_under_every_policy() {
+    use decimamba::generation::{generate, generate_batch, GenerateParams};
+    let mut policies: Vec<(String, Policy)> = METHOD_CASES
+        .iter()
+        .map(|n| (n.to_string(), method_case(n).policy))
+        .collect();
+    policies.push(("vanilla".into(), Policy::Vanilla));
+    policies.push((
+        "decimamba".into(),
+        Policy::from_json_str(
+            r#"{"decimating_layers": [1, 2], "decimation_beta": 0.5, "decimation_max_p_L_base": 30, "decimation_min_seq_len": 4}"#,
+        )
+        .unwrap(),
+    ));
+    let prompts: Vec<Vec<u32>> = ["longmamba_inference", "mambaextend_layer", "modulation"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let ids = method_case(n).ids;
+            ids.iter().cycle().skip(i).take(90).copied().collect()
+        })
+        .collect();
+    let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let model = tiny();
+    // Greedy, and sampling with a repetition penalty: each row keeps its own sampler.
+    let greedy = GenerateParams {
+        max_new_tokens: 6,
+        ..GenerateParams::greedy()
+    };
+    let sampled = GenerateParams {
+        temperature: 0.9,
+        top_k: Some(20),
+        repeat_penalty: 1.3,
+        seed: 7,
+        ..greedy.clone()
+    };
+    // An EOS the model emits stops some rows early while the others go on.
+    let alone_first = generate(&model, rows[0], &greedy, None, None, |_| Ok(())).unwrap();
+    let eos = Some(alone_first.tokens[2]);
+    for (name, policy) in &policies {
+        for (params, eos) in [(&greedy, None), (&sampled, None), (&greedy, eos)] {
+            let together = generate_batch(&model, &rows, params, policy.as_option(), eos).unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                let alone =
+                    generate(&model, row, params, policy.as_option(), eos, |_| Ok(())).unwrap();
+                assert_eq!(
+                    together[r].tokens, alone.tokens,
+                    "{name}, row {r}, temperature {}, eos {eos:?}",
+                    params.temperature
+                );
+                assert_eq!(together[r].stopped_at_eos, alone.stopped_at_eos);
+                assert_eq!(together[r].decode_steps, alone.decode_steps);
+            }
+        }
+    }
+    let e = generate_batch(
+        &model,
+        &[&prompts[0][..10], &prompts[1][..11]],
+        &greedy,
+        None,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("share one length"), "{e}");
+}

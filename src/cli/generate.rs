@@ -13,6 +13,15 @@ pub struct GenerateArgs {
     /// Read the prompt from this file.
     #[arg(long, conflicts_with = "prompt")]
     pub prompt_file: Option<std::path::PathBuf>,
+    /// Many prompts: a JSONL file of {"prompt": "…"} lines (an "id" field is echoed back).
+    /// Prints one JSON result per line, in input order; prompts of one token length run in
+    /// batches, and each result equals generating that prompt alone with the same flags.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_file", "json", "kept_indices", "decimation_report"])]
+    pub prompts: Option<std::path::PathBuf>,
+    /// With --prompts: prompts of one length run together, at most N at a time; default:
+    /// automatic from free memory on a GPU, 1 on the CPU.
+    #[arg(long, value_name = "N", requires = "prompts")]
+    pub batch_size: Option<usize>,
     /// The most tokens to generate (fewer if the model emits end-of-text).
     #[arg(
         long,
@@ -77,6 +86,27 @@ impl GenerateArgs {
             bail!("--kept-indices is only reported in the --json output: add --json");
         }
         Ok(())
+    }
+
+    /// The generation settings for `loaded`, checked, and the seed (printed when drawn).
+    fn params(&self, loaded: &crate::loader::LoadedModel) -> Result<(GenerateParams, u64)> {
+        let (seed, drawn) = self.seed();
+        let params = GenerateParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+            prefill_chunk: self.prefill_chunk,
+            vocab_size: Some(loaded.tokenizer.get_vocab_size(true)),
+        };
+        params.validate()?;
+        if drawn {
+            eprintln!("seed: {seed} (rerun with --seed {seed} to repeat)");
+        }
+        Ok((params, seed))
     }
 
     /// The seed to sample with, and whether it was drawn at random: `--seed`, else a
@@ -151,6 +181,9 @@ impl std::error::Error for StdoutClosed {}
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     args.check()?;
+    if let Some(path) = &args.prompts {
+        return run_prompts(&args, path);
+    }
     let prompt = read_prompt(&args)?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -170,22 +203,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.model.force,
         &format!("a prompt of {} tokens", ids.len()),
     )?;
-    let (seed, drawn) = args.seed();
-    let params = GenerateParams {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        repeat_penalty: args.repeat_penalty,
-        repeat_last_n: args.repeat_last_n,
-        seed,
-        prefill_chunk: args.prefill_chunk,
-        vocab_size: Some(loaded.tokenizer.get_vocab_size(true)),
-    };
-    params.validate()?;
-    if drawn {
-        eprintln!("seed: {seed} (rerun with --seed {seed} to repeat)");
-    }
+    let (params, seed) = args.params(&loaded)?;
     let mut stream = loaded.tokenizer.decode_stream(false);
     let json = args.json;
     let mut on_token = |id: u32| -> Result<()> {
@@ -256,5 +274,123 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         out.tokens.len(),
         decode_tps
     );
+    Ok(())
+}
+
+/// One line of a `--prompts` file.
+struct PromptLine {
+    id: Option<serde_json::Value>,
+    ids: Vec<u32>,
+}
+
+/// Reads and encodes every prompt of a `--prompts` file, naming the line of any problem.
+fn read_prompt_lines(
+    path: &std::path::Path,
+    loaded: &crate::loader::LoadedModel,
+) -> Result<Vec<PromptLine>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read prompts file {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let mut lines = Vec::new();
+    for (n, line) in strip_bom(&text).lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{} is not JSON", at()))?;
+        let Some(prompt) = v.get("prompt").and_then(|p| p.as_str()) else {
+            bail!("{} has no \"prompt\" string", at());
+        };
+        if prompt.is_empty() {
+            bail!("{}: the prompt is empty", at());
+        }
+        let ids = loaded.encode_text(prompt)?;
+        if ids.is_empty() {
+            bail!("{}: the prompt encodes to no tokens", at());
+        }
+        lines.push(PromptLine {
+            id: v.get("id").cloned(),
+            ids,
+        });
+    }
+    if lines.is_empty() {
+        bail!("{} holds no prompts", path.display());
+    }
+    Ok(lines)
+}
+
+/// `generate --prompts`: every prompt of the file, batched by length, one JSON line each in
+/// input order.
+fn run_prompts(args: &GenerateArgs, path: &std::path::Path) -> Result<()> {
+    let loaded = args.model.load()?;
+    let policy = args.decimation.resolve_policy(&loaded)?;
+    let prompts = read_prompt_lines(path, &loaded)?;
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let batch_size = match args.batch_size {
+        Some(0) => bail!("--batch-size must be at least 1"),
+        Some(n) => n,
+        None => crate::memory::auto_batch_size(
+            loaded.model.config(),
+            loaded.model.dtype(),
+            loaded.model.device(),
+            longest,
+            policy.keeps_tokens(),
+            1,
+        ),
+    };
+    super::common::check_memory(
+        &loaded.model,
+        longest * batch_size,
+        policy.keeps_tokens(),
+        batch_size,
+        args.model.force,
+        &format!("a batch of {batch_size} prompts of up to {longest} tokens"),
+    )?;
+    let (params, seed) = args.params(&loaded)?;
+    let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+    let mut ready: std::collections::BTreeMap<usize, serde_json::Value> = Default::default();
+    let mut next_to_print = 0;
+    let pb = crate::eval::common::progress_bar(prompts.len() as u64, false, "generate");
+    for group in generation::length_groups(&lens, batch_size) {
+        let rows: Vec<&[u32]> = group.iter().map(|&i| prompts[i].ids.as_slice()).collect();
+        let outs = generation::generate_batch(
+            &loaded.model,
+            &rows,
+            &params,
+            policy.as_option(),
+            loaded.eos_token_id(),
+        )?;
+        for (&i, out) in group.iter().zip(outs) {
+            let mut v = serde_json::json!({
+                "index": i,
+                "prompt_tokens": out.prompt_len,
+                "generated_tokens": out.tokens.len(),
+                "text": loaded.decode_ids(&out.tokens)?,
+                "tokens": out.tokens,
+                "stopped_at_eos": out.stopped_at_eos,
+                "seed": seed,
+            });
+            if let Some(id) = &prompts[i].id {
+                v["id"] = id.clone();
+            }
+            ready.insert(i, v);
+        }
+        pb.inc(group.len() as u64);
+        while let Some(v) = ready.remove(&next_to_print) {
+            pb.suspend(|| output::println(&serde_json::to_string(&v)?))?;
+            if output::stdout_closed() {
+                return Ok(());
+            }
+            next_to_print += 1;
+        }
+    }
+    pb.finish_and_clear();
     Ok(())
 }

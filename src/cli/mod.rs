@@ -7,6 +7,7 @@ pub mod common;
 pub mod eval_ppl;
 pub mod find_layer;
 pub mod generate;
+pub mod merge;
 pub mod output;
 pub mod passkey;
 
@@ -39,6 +40,9 @@ pub enum Command {
     /// Where DeciMamba should decimate: the first global layer by MMD growth, or a sweep of
     /// candidate layers through eval-ppl or passkey; writes the best policy.
     FindLayer(find_layer::FindLayerArgs),
+    /// Join the folders of a sweep run in shards (--shard I/N) into one run folder, with the
+    /// results, summary and plot of an unsharded run.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the CLI and returns the process exit code; errors print as one line.
@@ -52,6 +56,7 @@ pub fn main() -> i32 {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::FindLayer(a) => find_layer::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -203,10 +203,31 @@ impl RunLog {
     }
 }
 
+/// The records of the run folder `dir` without opening it (no lock, nothing rewritten): a
+/// torn last line is skipped, a bad line elsewhere is an error. A folder without
+/// `results.jsonl` has none.
+pub fn read_results<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
+    let path = dir.join(RESULTS_JSONL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(parse_records(&path)?.0)
+}
+
 /// Reads the records of a `results.jsonl`. A torn or unparsable last line
 /// (an interrupted write) is dropped and the file rewritten without it; a bad
 /// line elsewhere is an error.
 fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let (records, good, dropped) = parse_records(path)?;
+    if dropped {
+        super::common::atomic_write(path, good.as_bytes())?;
+    }
+    Ok(records)
+}
+
+/// The records of a `results.jsonl`, the text of its good lines, and whether a torn last
+/// line was left out.
+fn parse_records<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, String, bool)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.split('\n').collect();
@@ -237,15 +258,12 @@ fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
             Err(e) => bail!("{} line {} is corrupt: {e}", path.display(), i + 1),
         }
     }
-    if dropped {
-        super::common::atomic_write(path, good.as_bytes())?;
-    }
-    Ok(records)
+    Ok((records, good, dropped))
 }
 
 /// The settings that differ between two settings objects, rendered as
 /// `path: old → new`; nested objects are compared key by key (`model.dtype: …`).
-fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
+pub fn differing_keys(old: &Value, new: &Value) -> Vec<String> {
     let mut out = Vec::new();
     diff_values("", Some(old), Some(new), &mut out);
     out

@@ -110,3 +110,44 @@ pub fn generate_batch(
         })
         .collect())
 }
+
+/// Indices of prompts of lengths `lens` in batches: prompts of one length together, lengths
+/// in order of first appearance, at most `batch_size` to a batch.
+pub fn length_groups(lens: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = Vec::new();
+    let mut by_len: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+    for (i, &len) in lens.iter().enumerate() {
+        by_len
+            .entry(len)
+            .or_insert_with(|| {
+                order.push(len);
+                Vec::new()
+            })
+            .push(i);
+    }
+    order
+        .iter()
+        .flat_map(|len| {
+            by_len[len]
+                .chunks(batch_size.max(1))
+                .map(<[usize]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_groups;
+
+    #[test]
+    fn prompts_group_by_length_in_order_of_first_appearance() {
+        let lens = [5, 3, 5, 5, 3, 7, 5];
+        assert_eq!(
+            length_groups(&lens, 2),
+            vec![vec![0, 2], vec![3, 6], vec![1, 4], vec![5]]
+        );
+        assert_eq!(length_groups(&lens, 1).len(), lens.len());
+        assert!(length_groups(&[], 4).is_empty());
+    }
+}

@@ -3,7 +3,7 @@
 
 mod batch;
 
-pub use batch::generate_batch;
+pub use batch::{generate_batch, length_groups};
 
 use crate::model::{ForwardOptions, ForwardTrace, LogitsSpan, MambaModel};
 use crate::policy::ContextPolicy;
