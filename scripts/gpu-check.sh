@@ -77,6 +77,18 @@ if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
     bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 $DECI
 fi
 
+# 2b. Sweep throughput: passkey and eval-ppl at batch 1 against batch 16 (scripts/
+#     sweep-throughput.sh; needs data/tokenizers and data/austen carried with .gpu).
+echo "== sweep throughput"
+BIN=$BIN OUT=$OUT timeout 420 bash scripts/sweep-throughput.sh || status=1
+# 2c. Several GPUs: the worker pool and shards + merge against one GPU (MULTI_GPU=1 runs the
+#     same commands on one GPU).
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [[ $ngpu -ge 2 || ${MULTI_GPU:-0} == 1 ]]; then
+    echo "== multi-GPU sweeps on $ngpu GPU(s)"
+    BIN=$BIN OUT=$OUT timeout 420 bash scripts/multi-gpu-sweep.sh || status=1
+fi
+
 # 3. The reference in the same run: mamba_ssm's selective-scan kernel around PyTorch (the
 #    authors' non-fused path), built here from .ref/selective_scan (scripts/
 #    fetch-reference-src.sh fetches it; carry it with .gpu). Then the side-by-side table.

@@ -4,7 +4,7 @@
 
 use crate::model::{ForwardOptions, LogitsSpan, MambaConfig, MambaModel};
 use crate::policy::{ContextPolicy, DecimationConfig};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
@@ -19,6 +19,44 @@ pub fn random_model(
     device: &Device,
     seed: u64,
 ) -> Result<MambaModel> {
+    let t = random_weights(config, device, seed)?;
+    let mut cfg = config.clone();
+    cfg.format = crate::model::CheckpointFormat::Original;
+    MambaModel::new(&cfg, VarBuilder::from_tensors(t, dtype, device))
+}
+
+/// Writes [`random_model`]'s weights (f32, mamba_ssm key names) as `model.safetensors` and a
+/// mamba_ssm `config.json` into `dir`: a checkpoint of a public shape that sweeps can load
+/// like any other (with `--tokenizer`), e.g. to time `passkey` at 130m size on a GPU.
+pub fn save_random_checkpoint(
+    config: &MambaConfig,
+    dir: &std::path::Path,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
+    let weights = random_weights(config, &Device::Cpu, seed)?;
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors"))
+        .with_context(|| format!("cannot write {}", dir.join("model.safetensors").display()))?;
+    let cfg = serde_json::json!({
+        "d_model": config.d_model,
+        "n_layer": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "ssm_cfg": {},
+        "rms_norm": config.rms_norm,
+        "residual_in_fp32": config.residual_in_fp32,
+        "fused_add_norm": true,
+        "pad_vocab_size_multiple": 8,
+    });
+    crate::eval::common::atomic_write_json(&dir.join("config.json"), &cfg)
+}
+
+/// The tensors of [`random_model`], on `device` in f32.
+fn random_weights(
+    config: &MambaConfig,
+    device: &Device,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
     let (d, di, n, r, k, v) = (
         config.d_model,
         config.d_inner,
@@ -94,9 +132,7 @@ pub fn random_model(
         "backbone.norm_f.weight".into(),
         Tensor::ones(d, DType::F32, device)?,
     );
-    let mut cfg = config.clone();
-    cfg.format = crate::model::CheckpointFormat::Original;
-    MambaModel::new(&cfg, VarBuilder::from_tensors(t, dtype, device))
+    Ok(t)
 }
 
 /// A seeded standard-normal generator (xorshift + Box-Muller), so random benchmark

@@ -383,3 +383,75 @@ fn bad_shards_and_device_lists_are_one_line_errors() {
         "runs on one",
     );
 }
+
+/// scripts/slurm/submit.sh with a stand-in `sbatch` that runs each job at once (every
+/// array task, then the merge): the merged run equals an unsharded one.
+#[test]
+fn the_slurm_example_shards_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake_bin = dir.path().join("bin");
+    std::fs::create_dir_all(&fake_bin).unwrap();
+    let sbatch = fake_bin.join("sbatch");
+    std::fs::write(
+        &sbatch,
+        r#"#!/usr/bin/env bash
+# A stand-in for Slurm's sbatch: runs the job now; --array=A-B runs each task.
+set -euo pipefail
+array=""
+while [[ $1 == --* ]]; do
+    case $1 in --array=*) array=${1#--array=} ;; esac
+    shift
+done
+script=$1
+shift
+if [[ -n $array ]]; then
+    for ((i = ${array%-*}; i <= ${array#*-}; i++)); do SLURM_ARRAY_TASK_ID=$i bash "$script" "$@" >/dev/null; done
+else
+    bash "$script" "$@" >/dev/null
+fi
+echo $RANDOM
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sbatch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runs = dir.path().join("runs");
+    let path = format!(
+        "{}:{}",
+        fake_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sweep = [
+        "passkey",
+        "--lengths",
+        "1k",
+        "--depths",
+        "0,1",
+        "--samples",
+        "2",
+        "--compare",
+        "--quiet",
+    ];
+    let script = cli_support::root().join("scripts/slurm/submit.sh");
+    let o = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("3")
+        .args(sweep)
+        .env("PATH", path)
+        .env("RUNS", &runs)
+        .env("DEVICE", "cpu")
+        .env("DECIMAMBA", env!("CARGO_BIN_EXE_decimamba"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(3 shards)"));
+    let whole = dir.path().join("whole");
+    let mut args = sweep.to_vec();
+    let w = whole.display().to_string();
+    args.extend(["--out", &w]);
+    ok(&run(&args));
+    assert_eq!(
+        read(&whole.join("summary.json")),
+        read(&runs.join("merged/summary.json"))
+    );
+}

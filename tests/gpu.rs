@@ -558,3 +558,92 @@ fn batched_policies_on_gpu_equal_batch_one() {
         }
     }
 }
+
+/// Batched greedy generation on CUDA (prefill and decode) equals each prompt alone on CUDA,
+/// and in bf16 at the 130m shape's width too.
+#[test]
+fn batched_generation_on_gpu_equals_one_prompt_at_a_time() {
+    use decimamba::generation::{generate, generate_batch, GenerateParams};
+    let deci = decimamba::Policy::from_json_str(
+        r#"{"decimating_layers": [1, 2], "decimation_beta": 0.5, "decimation_max_p_L_base": 30, "decimation_min_seq_len": 4}"#,
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = ["longmamba_inference", "mambaextend_layer", "modulation"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            common::method_case(n)
+                .ids
+                .iter()
+                .cycle()
+                .skip(i)
+                .take(90)
+                .copied()
+                .collect()
+        })
+        .collect();
+    let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let params = GenerateParams {
+        max_new_tokens: 8,
+        ..GenerateParams::greedy()
+    };
+    let gpu = load("tiny-rms-hf", &cuda(), DType::F32);
+    for (name, policy) in [
+        ("vanilla", decimamba::Policy::Vanilla),
+        ("decimamba", deci.clone()),
+        (
+            "longmamba",
+            common::method_case("longmamba_inference").policy,
+        ),
+        (
+            "mambaextend",
+            common::method_case("mambaextend_channel").policy,
+        ),
+        ("modulation", common::method_case("modulation").policy),
+    ] {
+        let together = generate_batch(&gpu, &rows, &params, policy.as_option(), None).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let alone = generate(&gpu, row, &params, policy.as_option(), None, |_| Ok(())).unwrap();
+            assert_eq!(together[r].tokens, alone.tokens, "{name}, row {r} on CUDA");
+        }
+    }
+    // The 130m shape (f32): a batch's last logits equal each row's alone, within GEMM
+    // rounding (cuBLAS may pick other kernels for other batch sizes).
+    let cfg = MambaConfig::of_shape("130m").unwrap();
+    let big = random_model(&cfg, DType::F32, &cuda(), 0).unwrap();
+    let long: Vec<Vec<u32>> = (0..3)
+        .map(|r| decimamba::bench::random_ids(2048, cfg.vocab_size, 100 + r))
+        .collect();
+    let deci_130m = decimamba::Policy::from_json_str(
+        r#"{"decimating_layers": [12], "decimation_beta": 0.5, "decimation_max_p_L_base": 1000, "decimation_min_seq_len": 20}"#,
+    )
+    .unwrap();
+    let last = |rows: &[Vec<u32>], policy: &decimamba::Policy| -> Vec<f32> {
+        let t = tensor_ids(rows, big.device());
+        let mut state = big.new_state(rows.len());
+        let opts = ForwardOptions {
+            policy: policy.as_option(),
+            protected_tail: 1,
+            logits: LogitsSpan::Last(1),
+            ..Default::default()
+        };
+        big.forward_with_state(&t, &mut state, &opts)
+            .unwrap()
+            .0
+            .unwrap()
+            .values()
+    };
+    for policy in [decimamba::Policy::Vanilla, deci_130m] {
+        let together = last(&long, &policy);
+        let per_row = together.len() / long.len();
+        for (r, row) in long.iter().enumerate() {
+            let alone = last(std::slice::from_ref(row), &policy);
+            let d = max_diff(&together[r * per_row..(r + 1) * per_row], &alone);
+            assert!(
+                d < 1e-3,
+                "130m {}, row {r}: batch differs by {d}",
+                policy.name()
+            );
+        }
+    }
+}

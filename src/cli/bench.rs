@@ -36,6 +36,11 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// With --shape: write the random weights as a checkpoint folder (model.safetensors and
+    /// config.json, f32) instead of benchmarking, for sweeps at a public shape's size
+    /// (load it with --model DIR --tokenizer FILE).
+    #[arg(long, value_name = "DIR", requires = "shape")]
+    pub save_checkpoint: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub model_args: ModelArgs,
     #[command(flatten)]
@@ -44,6 +49,18 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     super::common::apply_threads(args.model_args.threads)?;
+    if let (Some(dir), Some(shape)) = (&args.save_checkpoint, &args.shape) {
+        let cfg = MambaConfig::of_shape(shape)?;
+        if dir.join("config.json").exists() {
+            bail!("{} already holds a checkpoint", dir.display());
+        }
+        bench::save_random_checkpoint(&cfg, dir, 0)?;
+        return super::output::println(&format!(
+            "wrote a random {shape} checkpoint ({:.0}M parameters) to {}",
+            cfg.num_params() as f64 / 1e6,
+            dir.display()
+        ));
+    }
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }

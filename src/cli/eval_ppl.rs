@@ -128,6 +128,9 @@ pub fn run(args: EvalPplArgs) -> Result<()> {
             c.length, c.length
         );
     }
+    if let Some(line) = report.throughput.line("windows") {
+        eprintln!("{line}");
+    }
     if report.complete && report.shard.is_some() {
         return args.run.sweep.note_shard_done(&out);
     }

@@ -97,6 +97,9 @@ pub fn run(args: PasskeyArgs) -> Result<()> {
         })?;
     }
     super::output::print(&report.grid.table())?;
+    if let Some(line) = report.throughput.line("samples") {
+        eprintln!("{line}");
+    }
     if report.complete && report.shard.is_some() {
         return args.run.sweep.note_shard_done(&out);
     }

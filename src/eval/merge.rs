@@ -218,6 +218,8 @@ fn join_into<P: SweepUnits>(
             planned: n,
             interrupted: false,
             shard: None,
+            ran: 0,
+            ran_secs: 0.0,
         },
     ))
 }

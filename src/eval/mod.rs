@@ -8,6 +8,7 @@ use crate::policy::Policy;
 
 pub mod common;
 pub mod data;
+pub mod longbench;
 pub mod merge;
 pub mod passkey;
 pub mod plot;

@@ -13,7 +13,7 @@ use super::common::{
 };
 use super::data::Document;
 use super::plot::{ppl_line_plot, LineSeries};
-use super::sweep::{run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits};
+use super::sweep::{run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput};
 use super::EvalModel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -174,6 +174,8 @@ pub struct PplReport {
     pub complete: bool,
     /// The shard this run covers: a complete shard writes no summary (merge does).
     pub shard: Option<Shard>,
+    /// What this invocation ran, and how fast.
+    pub throughput: Throughput,
     /// The run folder.
     pub out_dir: PathBuf,
 }
@@ -493,6 +495,10 @@ impl PplPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
+            throughput: Throughput {
+                units: outcome.ran,
+                secs: outcome.ran_secs,
+            },
             out_dir: out_dir.to_path_buf(),
         }
     }

@@ -183,6 +183,67 @@ pub struct InferenceState {
     pub seen_tokens: usize,
 }
 
+impl InferenceState {
+    /// The states of several sequences (each of batch 1, one device, the same tokens seen)
+    /// as one batch, rows in order: prefill row by row, then decode them together.
+    pub fn stack(states: Vec<InferenceState>) -> Result<InferenceState> {
+        let Some(first) = states.first() else {
+            bail!("no states to stack");
+        };
+        let (n_layer, seen_tokens) = (first.layers.len(), first.seen_tokens);
+        if states
+            .iter()
+            .any(|s| s.batch != 1 || s.layers.len() != n_layer)
+        {
+            bail!("only states of single sequences of one model can be stacked");
+        }
+        let batch = states.len();
+        let mut per_layer: Vec<Vec<LayerState>> = (0..n_layer).map(|_| Vec::new()).collect();
+        for state in states {
+            for (l, layer) in state.layers.into_iter().enumerate() {
+                per_layer[l].push(layer);
+            }
+        }
+        let layers = per_layer
+            .into_iter()
+            .map(|rows| -> Result<LayerState> {
+                match &rows[0] {
+                    LayerState::Host { .. } => {
+                        let (mut conv, mut ssm) = (Vec::new(), Vec::new());
+                        for row in rows {
+                            let LayerState::Host { conv: c, ssm: h } = row else {
+                                bail!("cannot stack host and device states");
+                            };
+                            conv.extend_from_slice(&c);
+                            ssm.extend_from_slice(&h);
+                        }
+                        Ok(LayerState::Host { conv, ssm })
+                    }
+                    LayerState::Device { .. } => {
+                        let (mut conv, mut ssm) = (Vec::new(), Vec::new());
+                        for row in rows {
+                            let LayerState::Device { conv: c, ssm: h } = row else {
+                                bail!("cannot stack host and device states");
+                            };
+                            conv.push(c);
+                            ssm.push(h);
+                        }
+                        Ok(LayerState::Device {
+                            conv: Tensor::cat(&conv, 0)?,
+                            ssm: Tensor::cat(&ssm, 0)?,
+                        })
+                    }
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(InferenceState {
+            batch,
+            layers,
+            seen_tokens,
+        })
+    }
+}
+
 /// How one layer changed the sequence length in a forward pass.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LayerTrace {

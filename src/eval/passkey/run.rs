@@ -5,7 +5,9 @@ use super::grid::PasskeyGrid;
 use super::{cell_seed, key_found, Haystack, PasskeyTemplate, PromptBuilder};
 use crate::eval::common::{atomic_write_json, Method, RunOptions};
 use crate::eval::plot::passkey_heatmap;
-use crate::eval::sweep::{run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits};
+use crate::eval::sweep::{
+    run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+};
 use crate::eval::EvalModel;
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
@@ -199,6 +201,10 @@ impl PasskeyPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
+            throughput: Throughput {
+                units: outcome.ran,
+                secs: outcome.ran_secs,
+            },
             out_dir: out_dir.to_path_buf(),
         }
     }
@@ -409,6 +415,8 @@ pub struct PasskeyReport {
     pub complete: bool,
     /// The shard this run covers: a complete shard writes no summary (merge does).
     pub shard: Option<Shard>,
+    /// What this invocation ran, and how fast.
+    pub throughput: Throughput,
     /// The run folder.
     pub out_dir: PathBuf,
 }
