@@ -13,7 +13,9 @@ use super::common::{
 };
 use super::data::Document;
 use super::plot::{ppl_line_plot, LineSeries};
-use super::sweep::{run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput};
+use super::sweep::{
+    field, run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+};
 use super::EvalModel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -351,11 +353,6 @@ pub struct PplPlan {
     pub methods: Vec<Method>,
     /// In canonical order: length, document, window, then method.
     units: Vec<PplUnit>,
-}
-
-fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str) -> Result<T> {
-    serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
-        .with_context(|| format!("run.json: bad or missing \"{key}\""))
 }
 
 impl PplPlan {

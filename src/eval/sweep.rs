@@ -103,6 +103,12 @@ pub fn split_shard(settings: &Value) -> Result<(Value, Option<Shard>)> {
     Ok((v, shard))
 }
 
+/// Field `key` of a `run.json` settings object, for plans read back from a run folder.
+pub fn field<T: DeserializeOwned>(v: &Value, key: &str) -> Result<T> {
+    serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
+        .map_err(|e| anyhow::anyhow!("run.json: bad or missing \"{key}\": {e}"))
+}
+
 /// What a sweep consists of: its units in canonical order, how units and finished records
 /// are identified, and how a unit is named to people. Needs no model, so `merge` can check
 /// shards from their `run.json` alone.

@@ -6,7 +6,7 @@ use super::{cell_seed, key_found, Haystack, PasskeyTemplate, PromptBuilder};
 use crate::eval::common::{atomic_write_json, Method, RunOptions};
 use crate::eval::plot::passkey_heatmap;
 use crate::eval::sweep::{
-    run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+    field, run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
 };
 use crate::eval::EvalModel;
 use anyhow::{bail, Context, Result};
@@ -92,11 +92,6 @@ pub struct PasskeyPlan {
     /// In canonical order: length, depth, sample, then method, so every method of a cell
     /// runs on the same prompt one after another.
     units: Vec<PasskeyUnit>,
-}
-
-fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str) -> Result<T> {
-    serde_json::from_value(v.get(key).cloned().unwrap_or(Value::Null))
-        .with_context(|| format!("run.json: bad or missing \"{key}\""))
 }
 
 impl PasskeyPlan {
