@@ -10,6 +10,7 @@ pub mod generate;
 pub mod merge;
 pub mod output;
 pub mod passkey;
+pub mod ruler;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Where DeciMamba should decimate: the first global layer by MMD growth, or a sweep of
     /// candidate layers through eval-ppl or passkey; writes the best policy.
     FindLayer(find_layer::FindLayerArgs),
+    /// RULER's synthetic tasks (niah, variable tracking, common and frequent words),
+    /// generated locally as RULER's own scripts generate them.
+    Ruler(ruler::RulerArgs),
     /// Join the folders of a sweep run in shards (--shard I/N) into one run folder, with the
     /// results, summary and plot of an unsharded run.
     Merge(merge::MergeArgs),
@@ -57,6 +61,7 @@ pub fn main() -> i32 {
         Command::Analyze(a) => analyze::run(a),
         Command::FindLayer(a) => find_layer::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Ruler(a) => ruler::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -166,11 +166,25 @@ pub fn merge_runs(dirs: &[PathBuf], out: &Path) -> Result<MergeReport> {
                 vec![files::RESULTS_JSON, files::SUMMARY_JSON, files::PLOT_PNG],
             )
         }
+        "ruler" => {
+            let plan = super::ruler::RulerPlan::from_run_settings(&settings)?;
+            let (n, outcome) = join_into(&plan, &inputs, out, &settings)?;
+            let report = plan.report(outcome, out);
+            plan.write_outputs(out, &report)?;
+            use super::ruler::run::files;
+            (
+                n,
+                report.scores.table(),
+                vec![files::RESULTS_JSON, files::SUMMARY_JSON, files::HEATMAP_PNG],
+            )
+        }
         "" => bail!(
             "{} names no evaluation",
             inputs[0].dir.join(RUN_JSON).display()
         ),
-        other => bail!("cannot merge {other} runs: merge joins passkey and perplexity sweeps"),
+        other => {
+            bail!("cannot merge {other} runs: merge joins passkey, perplexity and ruler sweeps")
+        }
     };
     Ok(MergeReport {
         eval,

@@ -13,6 +13,7 @@ pub mod merge;
 pub mod passkey;
 pub mod plot;
 pub mod ppl;
+pub mod ruler;
 pub mod runlog;
 pub mod sweep;
 
