@@ -62,7 +62,7 @@ for eval in passkey eval-ppl; do
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || status=1; done
-    "$BIN/decimamba" merge "$WORK/$eval"-shard* --out "$WORK/$eval-merged" >"$WORK/$eval-merge.out" 2>&1 \
+    "$BIN/decimamba" merge "$WORK/$eval"-shard*/ --out "$WORK/$eval-merged" >"$WORK/$eval-merge.out" 2>&1 \
         || { status=1; tail -2 "$WORK/$eval-merge.out"; }
     shards=$(calc %.3f "$(now) - $t0")
     for run in one pool merged; do

@@ -396,6 +396,9 @@ struct VariableTracking {
     example_tokens: usize,
 }
 
+/// Variable names of one chain, or its assignment lines.
+type Names = Vec<String>;
+
 /// The in-context example the script builds first (500 tokens, three-letter names, value
 /// 12345), then re-randomises for every sample.
 struct IclExample {
@@ -416,7 +419,7 @@ impl VariableTracking {
 
     /// `generate_chains`: the variables of each chain and its assignments. Repeated names
     /// make the script draw extra names, and a short last chain is an IndexError there.
-    fn chains(&mut self, is_icl: bool) -> Result<(Vec<Vec<String>>, Vec<Vec<String>>)> {
+    fn chains(&mut self, is_icl: bool) -> Result<(Vec<Names>, Vec<Names>)> {
         let k = if is_icl { 3 } else { 5 };
         let hops = if is_icl { self.hops.min(10) } else { self.hops };
         let needed = (hops + 1) * self.chains;

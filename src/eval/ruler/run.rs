@@ -383,7 +383,7 @@ struct RulerSweep<'a> {
     plan: &'a RulerPlan,
     /// The latest (task, length) sample sets. Units come in task and length order, so two
     /// sets cover every worker; one evicted too early is generated again (the same).
-    samples: Mutex<VecDeque<((RulerTask, usize), Arc<Vec<RulerSample>>)>>,
+    samples: Mutex<VecDeque<CachedSet>>,
 }
 
 /// The samples of `task` at `length` under `settings`.
@@ -405,6 +405,9 @@ fn build_samples(
     .with_context(|| format!("cannot build RULER's {task} prompts at length {length}"))
 }
 
+/// One (task, length)'s samples, shared by the workers.
+type CachedSet = ((RulerTask, usize), Arc<Vec<RulerSample>>);
+
 /// Sample sets kept in memory (a set at 128K tokens is hundreds of MB of text).
 const CACHED_SETS: usize = 2;
 
@@ -424,7 +427,7 @@ impl RulerSweep<'_> {
         }
         let count = |text: &str| -> Result<usize> { Ok(model.encode(text)?.len()) };
         let s = &self.plan.settings;
-        let set = Arc::new(build_samples(&s, task, length, s.samples, &count)?);
+        let set = Arc::new(build_samples(s, task, length, s.samples, &count)?);
         if cache.len() >= CACHED_SETS {
             cache.pop_front();
         }
