@@ -4,9 +4,11 @@ pub mod analyze;
 pub mod bench;
 pub mod calibrate;
 pub mod common;
+pub mod doc_retrieval;
 pub mod eval_ppl;
 pub mod find_layer;
 pub mod generate;
+pub mod longbench;
 pub mod merge;
 pub mod output;
 pub mod passkey;
@@ -30,6 +32,15 @@ pub enum Command {
     Passkey(passkey::PasskeyArgs),
     /// Sliding-window perplexity vs context length (the paper's PG-19 protocol).
     EvalPpl(eval_ppl::EvalPplArgs),
+    /// Multi-document retrieval on SQuAD v2 (the paper's doc-retrieval): find the document
+    /// that answers the question among N noise documents.
+    DocRetrieval(doc_retrieval::DocRetrievalArgs),
+    /// LongBench and LongBench-E (--e): the official prompts, truncation and metrics, per
+    /// task and method.
+    Longbench(longbench::LongBenchArgs),
+    /// RULER's synthetic tasks (niah, variable tracking, common and frequent words),
+    /// generated locally as RULER's own scripts generate them.
+    Ruler(ruler::RulerArgs),
     /// Prefill and decode throughput, vanilla and decimated, with peak memory.
     Bench(bench::BenchArgs),
     /// Fit MambaExtend, Mamba Modulation or LongMamba to a model on calibration text and
@@ -41,9 +52,6 @@ pub enum Command {
     /// Where DeciMamba should decimate: the first global layer by MMD growth, or a sweep of
     /// candidate layers through eval-ppl or passkey; writes the best policy.
     FindLayer(find_layer::FindLayerArgs),
-    /// RULER's synthetic tasks (niah, variable tracking, common and frequent words),
-    /// generated locally as RULER's own scripts generate them.
-    Ruler(ruler::RulerArgs),
     /// Join the folders of a sweep run in shards (--shard I/N) into one run folder, with the
     /// results, summary and plot of an unsharded run.
     Merge(merge::MergeArgs),
@@ -56,6 +64,8 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Passkey(a) => passkey::run(a),
         Command::EvalPpl(a) => eval_ppl::run(a),
+        Command::DocRetrieval(a) => doc_retrieval::run(a),
+        Command::Longbench(a) => longbench::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Analyze(a) => analyze::run(a),

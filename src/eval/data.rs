@@ -1,7 +1,8 @@
 //! Documents for the perplexity evaluation: `.txt` files (one document each),
 //! `.jsonl` files (one document per line), optionally gzipped, and `.parquet`
 //! files (one document per row), with Project Gutenberg header/footer
-//! stripping; and the PG-19 test split from the Hugging Face hub or its cache.
+//! stripping; and the PG-19 test split from the Hugging Face hub or its cache, found by
+//! [`hub_dataset_files_in`], which finds the SQuAD v2 and LongBench files the same way.
 
 use crate::hub::HubRepo;
 use anyhow::{bail, Context, Result};
@@ -515,6 +516,23 @@ pub fn pg19_test_files() -> Result<Vec<PathBuf>> {
     )
 }
 
+/// A dataset on the hub that an evaluation reads: where to look, which files of a listing
+/// it needs, and what to say when none are found.
+pub struct HubDataset<'a> {
+    /// What the files are, for messages: `PG-19 test split`.
+    pub what: &'a str,
+    /// Dataset repos and revisions, tried in order.
+    pub sources: &'a [(&'a str, &'a str)],
+    /// The files wanted, for messages: `test-split .parquet, .txt or .jsonl files`.
+    pub wanted: &'a str,
+    /// The files of a listing (relative, `/`-separated) to use; empty when it has none.
+    pub pick: &'a dyn Fn(&[String]) -> Vec<String>,
+    /// Why a listing without wanted files has none (`no test-split … among 3 files`).
+    pub describe: &'a dyn Fn(&[String]) -> String,
+    /// The way out, ending the error: `pass --data FILE|DIR with …`.
+    pub hint: &'a str,
+}
+
 /// Local paths of the PG-19 test split: for each of [`PG19_SOURCES`] in
 /// turn, the files that [`pick_test_files`] picks from the hub's listing of
 /// that revision, downloaded into `cache` unless already there; when
@@ -522,9 +540,33 @@ pub fn pg19_test_files() -> Result<Vec<PathBuf>> {
 /// cached snapshot instead. Fails with one line naming what was looked for,
 /// where, and `--data`.
 pub fn pg19_test_files_in(cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> {
+    hub_dataset_files_in(
+        cache,
+        offline,
+        &HubDataset {
+            what: "PG-19 test split",
+            sources: &PG19_SOURCES,
+            wanted: "test-split .parquet, .txt or .jsonl files",
+            pick: &pick_test_files,
+            describe: &describe_layout,
+            hint: PG19_HINT,
+        },
+    )
+}
+
+/// Local paths of `dataset`'s files: for each source in turn, the files `pick` takes from
+/// the hub's listing of that revision, downloaded into `cache` unless already there; when
+/// `offline`, or when the hub cannot be reached, from the listing of the cached snapshot
+/// instead. Fails with one line naming what was looked for, where (the cache path), and
+/// the hint.
+pub fn hub_dataset_files_in(
+    cache: &Cache,
+    offline: bool,
+    dataset: &HubDataset,
+) -> Result<Vec<PathBuf>> {
     let api = if offline { None } else { Some(hub_api(cache)?) };
     let mut reasons = Vec::new();
-    for (id, revision) in PG19_SOURCES {
+    for &(id, revision) in dataset.sources {
         let label = format!("{id} at {revision}");
         let mut hub_error = None;
         if let Some(api) = &api {
@@ -533,9 +575,12 @@ pub fn pg19_test_files_in(cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> 
                 Ok(info) => {
                     let names: Vec<String> =
                         info.siblings.into_iter().map(|s| s.rfilename).collect();
-                    let picked = pick_test_files(&names);
+                    let picked = (dataset.pick)(&names);
                     if picked.is_empty() {
-                        reasons.push(format!("{label}: {} on the hub", describe_layout(&names)));
+                        reasons.push(format!(
+                            "{label}: {} on the hub",
+                            (dataset.describe)(&names)
+                        ));
                         continue;
                     }
                     let hub = HubRepo::new(id, revision, RepoType::Dataset)
@@ -547,11 +592,11 @@ pub fn pg19_test_files_in(cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> 
         }
         let cached = match list_cached(cache, id, revision) {
             Ok((snap, names)) => {
-                let picked = pick_test_files(&names);
+                let picked = (dataset.pick)(&names);
                 if !picked.is_empty() {
                     return Ok(picked.iter().map(|n| snap.join(n)).collect());
                 }
-                format!("cached snapshot has {}", describe_layout(&names))
+                format!("cached snapshot has {}", (dataset.describe)(&names))
             }
             Err(why) => why,
         };
@@ -575,8 +620,11 @@ pub fn pg19_test_files_in(cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> 
         )
     };
     bail!(
-        "no PG-19 test split {place}; looked for test-split .parquet, .txt or .jsonl files of {}; {retry}{PG19_HINT}",
-        reasons.join("; ")
+        "no {} {place}; looked for {} of {}; {retry}{}",
+        dataset.what,
+        dataset.wanted,
+        reasons.join("; "),
+        dataset.hint
     )
 }
 

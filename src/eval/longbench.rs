@@ -11,6 +11,9 @@
 //! (`rouge` 1.0.1, `fuzzywuzzy` 0.18.0 with and without `python-Levenshtein`), through
 //! `tests/longbench_metrics.rs`.
 //!
+//! The data files are read by [`data`]; [`run`] runs the benchmark on the sweep runner and
+//! [`report`] tallies its scores.
+//!
 //! Where the official code would raise instead of scoring (an answer of
 //! `passage_retrieval_*` without a paragraph label, an empty list of predictions),
 //! these functions return 0 or `None` and never panic.
@@ -38,6 +41,10 @@
 //!   `a`/`an`/`the`.
 //! * `round(x)` is round-half-even ([`f64::round_ties_even`]); `round(x, 2)` rounds
 //!   the exact binary value half-even ([`py_round`]).
+
+pub mod data;
+pub mod report;
+pub mod run;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;

@@ -4,6 +4,8 @@
 //! `summary.json` and plot. The merged folder is an ordinary run: rerunning the unsharded
 //! command on it finds every unit finished.
 
+use super::doc_retrieval::DocRetrievalPlan;
+use super::longbench::run::LongBenchPlan;
 use super::passkey::PasskeyPlan;
 use super::ppl::PplPlan;
 use super::runlog::{check_out_folder, differing_keys, read_results, RunLog, RUN_JSON};
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// What [`merge_runs`] did.
 #[derive(Debug, Clone)]
 pub struct MergeReport {
-    /// The evaluation merged (`passkey`, `perplexity`).
+    /// The evaluation merged (`passkey`, `perplexity`, `doc-retrieval`, `longbench`).
     pub eval: String,
     /// Folders merged.
     pub shards: usize,
@@ -178,13 +180,37 @@ pub fn merge_runs(dirs: &[PathBuf], out: &Path) -> Result<MergeReport> {
                 vec![files::RESULTS_JSON, files::SUMMARY_JSON, files::HEATMAP_PNG],
             )
         }
+        "doc-retrieval" => {
+            let plan = DocRetrievalPlan::from_run_settings(&settings)?;
+            let (n, outcome) = join_into(&plan, &inputs, out, &settings)?;
+            let report = plan.report(outcome, out);
+            plan.write_outputs(out, &report)?;
+            use super::doc_retrieval::files;
+            (
+                n,
+                report.table(),
+                vec![files::RESULTS_JSON, files::SUMMARY_JSON, files::PLOT_PNG],
+            )
+        }
+        "longbench" => {
+            let plan = LongBenchPlan::from_run_settings(&settings)?;
+            let (n, outcome) = join_into(&plan, &inputs, out, &settings)?;
+            let report = plan.report(outcome, out);
+            plan.write_outputs(out, &report)?;
+            use super::longbench::run::files;
+            (
+                n,
+                report.table(),
+                vec![files::RESULTS_JSON, files::SUMMARY_JSON, files::PLOT_PNG],
+            )
+        }
         "" => bail!(
             "{} names no evaluation",
             inputs[0].dir.join(RUN_JSON).display()
         ),
-        other => {
-            bail!("cannot merge {other} runs: merge joins passkey, perplexity and ruler sweeps")
-        }
+        other => bail!(
+            "cannot merge {other} runs: merge joins passkey, perplexity, ruler, doc-retrieval and longbench sweeps"
+        ),
     };
     Ok(MergeReport {
         eval,

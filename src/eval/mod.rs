@@ -1,5 +1,5 @@
-//! The paper's evaluations: passkey retrieval and long-context perplexity, for any
-//! set of context policies side by side.
+//! The paper's evaluations: passkey retrieval, long-context perplexity, multi-document
+//! retrieval and LongBench, for any set of context policies side by side.
 //!
 //! Evaluations talk to a model only through [`EvalModel`], so they can be
 //! tested with small fake models and run unchanged on any loaded checkpoint.
@@ -8,6 +8,7 @@ use crate::policy::Policy;
 
 pub mod common;
 pub mod data;
+pub mod doc_retrieval;
 pub mod longbench;
 pub mod merge;
 pub mod passkey;

@@ -1,6 +1,7 @@
-//! PNG plots: the passkey heatmap (like Fig. 1 right of the paper) and the
-//! perplexity-vs-context-length line plot. Text uses an embedded DejaVu Sans
-//! (no system fonts needed). Files are written atomically.
+//! PNG plots: the passkey heatmap (like Fig. 1 right of the paper), the
+//! perplexity-vs-context-length line plot, a linear line plot (doc-retrieval accuracy
+//! against the number of documents) and a grouped bar chart (LongBench scores per task).
+//! Text uses an embedded DejaVu Sans (no system fonts needed). Files are written atomically.
 
 use super::common::{format_length, temp_sibling};
 use anyhow::{anyhow, Context, Result};
@@ -403,6 +404,224 @@ pub fn ppl_line_plot(path: &Path, title: &str, series: &[LineSeries]) -> Result<
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FAMILY, 15))
+            .draw()
+            .map_err(pe)?;
+        root.present().map_err(pe)?;
+        Ok(())
+    })
+}
+
+fn series_color(name: &str, i: usize) -> RGBColor {
+    match name {
+        super::common::VANILLA => LINE_COLORS[0],
+        super::common::DECIMAMBA => LINE_COLORS[1],
+        _ => LINE_COLORS[i % LINE_COLORS.len()],
+    }
+}
+
+fn draw_message(path: &Path, size: (u32, u32), message: &str) -> Result<()> {
+    write_via_temp(path, |tmp| {
+        let root = BitMapBackend::new(tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(pe)?;
+        root.draw(&Text::new(
+            message.to_string(),
+            (size.0 as i32 / 2, size.1 as i32 / 2),
+            TextStyle::from((FAMILY, 20).into_font()).pos(Pos::new(HPos::Center, VPos::Center)),
+        ))
+        .map_err(pe)?;
+        root.present().map_err(pe)?;
+        Ok(())
+    })
+}
+
+/// Draws lines on linear axes into `path` (PNG): `axes` = (x, y) descriptions, `y_range`
+/// fixed (e.g. 0–1 for accuracy) or fitted to the points. The x ticks are the points' x.
+pub fn linear_line_plot(
+    path: &Path,
+    title: &str,
+    axes: (&str, &str),
+    y_range: Option<(f64, f64)>,
+    series: &[LineSeries],
+) -> Result<()> {
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .collect();
+    if all.is_empty() {
+        return draw_message(path, LINE_PLOT_SIZE, "no results to plot");
+    }
+    let (xmin, xmax) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let pad = ((xmax - xmin) * 0.04).max(0.5);
+    let (ylo, yhi) = y_range.unwrap_or_else(|| {
+        let (lo, hi) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+                (a.min(p.1), b.max(p.1))
+            });
+        let m = ((hi - lo) * 0.08).max(0.05);
+        (lo - m, hi + m)
+    });
+    write_via_temp(path, |tmp| {
+        let root = BitMapBackend::new(tmp, LINE_PLOT_SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(pe)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FAMILY, 20))
+            .margin(14)
+            .x_label_area_size(56)
+            .y_label_area_size(72)
+            .build_cartesian_2d((xmin - pad)..(xmax + pad), ylo..yhi)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .x_desc(axes.0)
+            .y_desc(axes.1)
+            .x_label_formatter(&|v| format_tick(*v))
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .label_style((FAMILY, 14))
+            .axis_desc_style((FAMILY, 16))
+            .light_line_style(WHITE)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .draw()
+            .map_err(pe)?;
+        for (i, s) in series.iter().enumerate() {
+            let color = series_color(&s.name, i);
+            chart
+                .draw_series(plotters::series::LineSeries::new(
+                    s.points.clone(),
+                    color.stroke_width(3),
+                ))
+                .map_err(pe)?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(s.points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(pe)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FAMILY, 15))
+            .draw()
+            .map_err(pe)?;
+        root.present().map_err(pe)?;
+        Ok(())
+    })
+}
+
+/// One group of bars per category (e.g. a task), one bar per series (e.g. a method);
+/// `values[series][category]`, `None` for a missing bar.
+#[derive(Debug, Clone)]
+pub struct BarGroups {
+    pub categories: Vec<String>,
+    pub series: Vec<String>,
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+/// Size of a grouped bar chart with `categories` groups.
+pub fn bar_plot_size(categories: usize) -> (u32, u32) {
+    (
+        (160 * categories as u32 + 200).max(LINE_PLOT_SIZE.0),
+        LINE_PLOT_SIZE.1,
+    )
+}
+
+/// Draws a grouped bar chart into `path` (PNG), y from 0 to the largest value (at least
+/// `y_min_top`), each bar labelled with its value.
+pub fn grouped_bar_plot(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    y_min_top: f64,
+    bars: &BarGroups,
+) -> Result<()> {
+    let size = bar_plot_size(bars.categories.len());
+    if bars.categories.is_empty() || bars.series.is_empty() {
+        return draw_message(path, size, "no results to plot");
+    }
+    let top = bars
+        .values
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(y_min_top, |a, &v| a.max(v))
+        * 1.12;
+    let groups = bars.categories.len();
+    let per = bars.series.len() as f64;
+    write_via_temp(path, |tmp| {
+        let root = BitMapBackend::new(tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(pe)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FAMILY, 20))
+            .margin(14)
+            .x_label_area_size(56)
+            .y_label_area_size(72)
+            .build_cartesian_2d(0f64..groups as f64, 0f64..top)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(1)
+            .x_label_formatter(&|_| String::new())
+            .y_desc(y_desc)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .label_style((FAMILY, 14))
+            .axis_desc_style((FAMILY, 16))
+            .light_line_style(WHITE)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .draw()
+            .map_err(pe)?;
+        let width = 0.8 / per;
+        for (si, name) in bars.series.iter().enumerate() {
+            let color = series_color(name, si);
+            let rects: Vec<(f64, f64, f64)> = bars.values[si]
+                .iter()
+                .enumerate()
+                .filter_map(|(c, v)| v.map(|v| (c as f64 + 0.1 + si as f64 * width, v, width)))
+                .collect();
+            chart
+                .draw_series(rects.iter().map(|&(x, v, w)| {
+                    Rectangle::new([(x, 0.0), (x + w * 0.92, v)], color.filled())
+                }))
+                .map_err(pe)?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
+                });
+            chart
+                .draw_series(rects.iter().map(|&(x, v, w)| {
+                    Text::new(
+                        format!("{v:.1}"),
+                        (x + w * 0.46, v + top * 0.01),
+                        TextStyle::from((FAMILY, 12).into_font())
+                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                    )
+                }))
+                .map_err(pe)?;
+        }
+        // Category names under the middle of their groups.
+        for (k, name) in bars.categories.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(k as f64 + 0.5, 0.0));
+            root.draw(&Text::new(
+                name.clone(),
+                (x, y + 10),
+                TextStyle::from((FAMILY, 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top)),
+            ))
+            .map_err(pe)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FAMILY, 15))
