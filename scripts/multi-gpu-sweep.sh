@@ -30,6 +30,12 @@ PASSKEY=(passkey --lengths "${PASSKEY_LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k}" --
     --samples "${SAMPLES:-4}" --max-new-tokens 10)
 PPL=(eval-ppl --data data/austen --lengths "${PPL_LENGTHS:-2k,4k,8k,16k}" --windows "${WINDOWS:-8}")
 devices=$(seq -s, 0 $((GPUS - 1)))
+# Warm-up, untimed: the first process on a fresh machine compiles the CUDA kernels (NVRTC,
+# then the driver's cache), which would otherwise land in whichever run comes first.
+for ((i = 0; i < GPUS; i++)); do
+    "$BIN/decimamba" passkey -m "$M" --tokenizer "$TOK" --dtype bf16 --quiet --lengths 1k \
+        --depths 0.5 --samples 1 --device "cuda:$i" --out "$WORK/warmup$i" >/dev/null 2>&1
+done
 status=0
 report="$OUT/multi-gpu.md"
 {

@@ -62,6 +62,11 @@ fn ruler_runs_methods_side_by_side_and_resumes() {
     assert!(stdout.contains("decimamba / average"), "{stdout}");
     let records = outputs(&out);
     assert_eq!(records.len(), 2 * 2 * 2, "2 tasks × 2 samples × 2 methods");
+    let tasks: std::collections::BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["niah_single_1", "vt"].into_iter().collect());
     for r in &records {
         let prompt = r["prompt_tokens"].as_u64().unwrap();
         let budget = if r["task"] == "vt" {

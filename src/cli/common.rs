@@ -17,8 +17,9 @@ pub struct ModelArgs {
     /// tokenizer.json path or hub repo id; default: the model's own, else EleutherAI/gpt-neox-20b.
     #[arg(long)]
     pub tokenizer: Option<String>,
-    /// cpu, cuda, cuda:N or metal. passkey, eval-ppl and find-layer take a list and run one
-    /// worker per device: cuda:0,1,2,3 (or cuda:0,cuda:1); cpu:0,cpu:1 are CPU workers.
+    /// cpu, cuda, cuda:N or metal. The sweeps (passkey, eval-ppl, ruler, doc-retrieval,
+    /// longbench, find-layer) take a list and run one worker per device: cuda:0,1,2,3 (or
+    /// cuda:0,cuda:1); cpu:0,cpu:1 are CPU workers.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (the scan always accumulates in f32).
@@ -149,7 +150,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         if self.device.contains(',') {
             bail!(
-                "--device {} lists several devices, but this command runs on one; lists run one worker per device in passkey, eval-ppl and find-layer",
+                "--device {} lists several devices, but this command runs on one; lists run one worker per device in the sweeps (passkey, eval-ppl, ruler, doc-retrieval, longbench, find-layer)",
                 self.device
             );
         }

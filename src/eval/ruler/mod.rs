@@ -18,14 +18,20 @@ use serde::{Deserialize, Serialize};
 pub use run::{run_ruler, RulerJob, RulerPlan, RulerReport, RulerSettings};
 
 /// One of RULER's locally generated tasks, with its `synthetic.yaml` arguments.
+/// Records and summaries name tasks as RULER does ([`RulerTask::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum RulerTask {
+    #[serde(rename = "niah_single_1")]
     NiahSingle1,
+    #[serde(rename = "niah_multikey_2")]
     NiahMultikey2,
+    #[serde(rename = "niah_multikey_3")]
     NiahMultikey3,
+    #[serde(rename = "vt")]
     Vt,
+    #[serde(rename = "cwe")]
     Cwe,
+    #[serde(rename = "fwe")]
     Fwe,
 }
 
@@ -249,6 +255,15 @@ mod tests {
         let e = parse_tasks("niah_x").unwrap_err().to_string();
         assert!(e.contains("unknown RULER task 'niah_x'"), "{e}");
         assert!(parse_tasks("vt,vt").is_err());
+    }
+
+    #[test]
+    fn tasks_serialize_under_rulers_names() {
+        for t in RulerTask::ALL {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.name()));
+            assert_eq!(serde_json::from_str::<RulerTask>(&json).unwrap(), t);
+        }
     }
 
     #[test]
