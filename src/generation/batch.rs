@@ -8,8 +8,8 @@ use super::{choose_next, GenerateOutput, GenerateParams};
 use crate::model::{ForwardOptions, ForwardTrace, InferenceState, LogitsSpan, MambaModel};
 use crate::policy::ContextPolicy;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
-use candle_transformers::generation::LogitsProcessor;
+use candle_core::{DType, Tensor, D};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
 
 /// Generates after each of `prompts` (all of one length) in one batch.
@@ -67,14 +67,27 @@ pub fn generate_batch(
     let mut decode_steps = vec![0usize; batch];
     let mut active = vec![params.max_new_tokens > 0; batch];
     let decode_start = Instant::now();
+    // Greedy without a penalty needs no sampler state: one argmax over the whole batch and
+    // one copy to the host per step, instead of a copy of every row's logits.
+    let batch_argmax = matches!(sampling, Sampling::ArgMax) && params.repeat_penalty == 1.0;
     while active.iter().any(|&a| a) {
         let mut next_ids = vec![0u32; batch];
+        let greedy = if batch_argmax {
+            Some(greedy_rows(&logits, params.vocab_size)?)
+        } else {
+            None
+        };
         for row in 0..batch {
             if !active[row] {
                 continue;
             }
-            let row_logits = logits.get(row)?;
-            let next = choose_next(&mut processors[row], &row_logits, params, &contexts[row])?;
+            let next = match &greedy {
+                Some(ids) => ids[row],
+                None => {
+                    let row_logits = logits.get(row)?;
+                    choose_next(&mut processors[row], &row_logits, params, &contexts[row])?
+                }
+            };
             if Some(next) == eos {
                 stopped_at_eos[row] = true;
                 active[row] = false;
@@ -113,6 +126,22 @@ pub fn generate_batch(
 
 /// One prefill of `prompts` (one length) as a batch: the last logits `[batch, vocab]`, the
 /// trace and the state.
+/// The greedy token of every row of `logits` (`[batch, vocab]`): the same masking and the
+/// same f32 argmax as [`choose_next`] under `Sampling::ArgMax` applies to each row, so the
+/// same tokens.
+fn greedy_rows(logits: &Tensor, vocab_size: Option<usize>) -> Result<Vec<u32>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let (rows, n) = logits.dims2()?;
+    let logits = match vocab_size {
+        Some(v) if v < n => {
+            let tail = Tensor::full(f32::NEG_INFINITY, (rows, n - v), logits.device())?;
+            Tensor::cat(&[&logits.narrow(1, 0, v)?, &tail], 1)?
+        }
+        _ => logits,
+    };
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
 fn prefill(
     model: &MambaModel,
     prompts: &[&[u32]],
