@@ -381,9 +381,12 @@ impl ScoreTable {
 /// The sweep: the plan's units, scored on samples generated when first needed.
 struct RulerSweep<'a> {
     plan: &'a RulerPlan,
-    /// The latest (task, length) sample sets. Units come in task and length order, so two
-    /// sets cover every worker; one evicted too early is generated again (the same).
+    /// The latest (task, length) sample sets. Units come in task and length order, so a set
+    /// per worker and one more cover every worker; one evicted too early is generated again
+    /// (the same).
     samples: Mutex<VecDeque<CachedSet>>,
+    /// How many sets to keep: `CACHED_SETS` or workers + 1.
+    cached_sets: usize,
 }
 
 /// The samples of `task` at `length` under `settings`.
@@ -408,7 +411,8 @@ fn build_samples(
 /// One (task, length)'s samples, shared by the workers.
 type CachedSet = ((RulerTask, usize), Arc<Vec<RulerSample>>);
 
-/// Sample sets kept in memory (a set at 128K tokens is hundreds of MB of text).
+/// Sample sets kept in memory at least (a set of 500 samples at 128K tokens is hundreds of
+/// MB of text).
 const CACHED_SETS: usize = 2;
 
 impl RulerSweep<'_> {
@@ -428,7 +432,7 @@ impl RulerSweep<'_> {
         let count = |text: &str| -> Result<usize> { Ok(model.encode(text)?.len()) };
         let s = &self.plan.settings;
         let set = Arc::new(build_samples(s, task, length, s.samples, &count)?);
-        if cache.len() >= CACHED_SETS {
+        if cache.len() >= self.cached_sets {
             cache.pop_front();
         }
         cache.push_back(((task, length), set.clone()));
@@ -632,6 +636,7 @@ pub fn run_ruler(job: &RulerJob) -> Result<RulerReport> {
     let sweep = RulerSweep {
         plan: &plan,
         samples: Mutex::new(VecDeque::new()),
+        cached_sets: CACHED_SETS.max(job.extra_workers.len() + 2),
     };
     let workers: Vec<&dyn EvalModel> = std::iter::once(job.model)
         .chain(job.extra_workers.iter().copied())
