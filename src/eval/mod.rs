@@ -102,3 +102,36 @@ pub trait EvalModel: Sync {
         Ok(serde_json::json!({ "name": self.name() }))
     }
 }
+
+/// Greedy generation of prompts of any lengths: the prompts of one token length run as one
+/// batch ([`EvalModel::generate_greedy_batch`]), a lone prompt alone; outputs come in the
+/// order of `prompts` and equal generating each prompt alone.
+pub fn generate_greedy_by_length(
+    model: &dyn EvalModel,
+    prompts: &[&[u32]],
+    max_new_tokens: usize,
+    policy: &Policy,
+) -> anyhow::Result<Vec<GreedyOutput>> {
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let mut outputs: Vec<Option<GreedyOutput>> = vec![None; prompts.len()];
+    for group in crate::generation::length_groups(&lens, prompts.len().max(1)) {
+        let generated = match group.as_slice() {
+            [one] => vec![model.generate_greedy(prompts[*one], max_new_tokens, policy)?],
+            many => {
+                let batch: Vec<&[u32]> = many.iter().map(|&i| prompts[i]).collect();
+                model.generate_greedy_batch(&batch, max_new_tokens, policy)?
+            }
+        };
+        if generated.len() != group.len() {
+            anyhow::bail!(
+                "a batch of {} prompts returned {} outputs",
+                group.len(),
+                generated.len()
+            );
+        }
+        for (i, out) in group.into_iter().zip(generated) {
+            outputs[i] = Some(out);
+        }
+    }
+    Ok(outputs.into_iter().flatten().collect())
+}

@@ -492,10 +492,7 @@ impl PplPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
-            throughput: Throughput {
-                units: outcome.ran,
-                secs: outcome.ran_secs,
-            },
+            throughput: outcome.throughput(),
             out_dir: out_dir.to_path_buf(),
         }
     }

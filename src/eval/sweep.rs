@@ -129,6 +129,33 @@ pub trait SweepUnits {
     fn describe(&self, unit: &Self::Unit) -> String;
 }
 
+/// A sweep whose units are exactly its plan's: it gets [`SweepUnits`] by forwarding to
+/// the plan, so the evaluations that need no more (naming a unit from the plan alone)
+/// write only [`Sweep`].
+pub trait PlanSweep {
+    type Plan: SweepUnits;
+    fn plan(&self) -> &Self::Plan;
+}
+
+impl<T: PlanSweep> SweepUnits for T {
+    type Unit = <T::Plan as SweepUnits>::Unit;
+    type Record = <T::Plan as SweepUnits>::Record;
+    const UNIT_NAME: &'static str = <T::Plan as SweepUnits>::UNIT_NAME;
+
+    fn units(&self) -> &[Self::Unit] {
+        self.plan().units()
+    }
+    fn unit_id(&self, unit: &Self::Unit) -> String {
+        self.plan().unit_id(unit)
+    }
+    fn record_id(&self, record: &Self::Record) -> String {
+        self.plan().record_id(record)
+    }
+    fn describe(&self, unit: &Self::Unit) -> String {
+        self.plan().describe(unit)
+    }
+}
+
 /// A sweep that can run: units that may share a batch, and how to score a batch.
 pub trait Sweep: SweepUnits + Sync {
     /// Units with equal keys can be scored in one batch (same length and method).
@@ -169,6 +196,14 @@ pub struct SweepOutcome<R> {
 }
 
 impl<R> SweepOutcome<R> {
+    /// What this invocation ran, and in how long.
+    pub fn throughput(&self) -> Throughput {
+        Throughput {
+            units: self.ran,
+            secs: self.ran_secs,
+        }
+    }
+
     /// Whether every unit of this run is finished.
     pub fn complete(&self) -> bool {
         !self.interrupted && self.done.len() >= self.planned

@@ -6,9 +6,9 @@ use super::{answered_id, build_prompt, check_num_docs, select_questions, SquadSe
 use crate::eval::common::{atomic_write_json, render_table, Method, RunOptions};
 use crate::eval::plot::{linear_line_plot, LineSeries};
 use crate::eval::sweep::{
-    field, run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+    field, run_sweep, PlanSweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
 };
-use crate::eval::EvalModel;
+use crate::eval::{generate_greedy_by_length, EvalModel};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -263,10 +263,7 @@ impl DocRetrievalPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
-            throughput: Throughput {
-                units: outcome.ran,
-                secs: outcome.ran_secs,
-            },
+            throughput: outcome.throughput(),
             out_dir: out_dir.to_path_buf(),
         }
     }
@@ -382,22 +379,10 @@ struct DocRetrievalSweep<'a> {
     set: &'a SquadSet,
 }
 
-impl SweepUnits for DocRetrievalSweep<'_> {
-    type Unit = DocRetrievalUnit;
-    type Record = DocRetrievalSample;
-    const UNIT_NAME: &'static str = "questions";
-
-    fn units(&self) -> &[DocRetrievalUnit] {
-        self.plan.units()
-    }
-    fn unit_id(&self, u: &DocRetrievalUnit) -> String {
-        self.plan.unit_id(u)
-    }
-    fn record_id(&self, r: &DocRetrievalSample) -> String {
-        self.plan.record_id(r)
-    }
-    fn describe(&self, u: &DocRetrievalUnit) -> String {
-        self.plan.describe(u)
+impl PlanSweep for DocRetrievalSweep<'_> {
+    type Plan = DocRetrievalPlan;
+    fn plan(&self) -> &DocRetrievalPlan {
+        self.plan
     }
 }
 
@@ -422,27 +407,13 @@ impl Sweep for DocRetrievalSweep<'_> {
             let ids = model.encode(&prompt.text)?;
             prompts.push((row, prompt, ids));
         }
-        let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, (_, _, ids)) in prompts.iter().enumerate() {
-            by_length.entry(ids.len()).or_default().push(i);
-        }
-        let mut outputs = vec![None; prompts.len()];
-        for group in by_length.values() {
-            let ids: Vec<&[u32]> = group.iter().map(|&i| prompts[i].2.as_slice()).collect();
-            let outs = match ids.as_slice() {
-                [one] => vec![model.generate_greedy(one, s.max_new_tokens, &method.policy)?],
-                many => model.generate_greedy_batch(many, s.max_new_tokens, &method.policy)?,
-            };
-            for (&i, out) in group.iter().zip(outs) {
-                outputs[i] = Some(out);
-            }
-        }
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.2.as_slice()).collect();
+        let outputs = generate_greedy_by_length(model, &ids, s.max_new_tokens, &method.policy)?;
         units
             .iter()
             .zip(prompts)
             .zip(outputs)
             .map(|((u, (row, prompt, ids)), out)| {
-                let out = out.context("a prompt was not generated")?;
                 let answer = answered_id(&out.text).map(str::to_string);
                 Ok(DocRetrievalSample {
                     method: method.name.clone(),

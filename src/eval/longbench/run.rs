@@ -22,9 +22,9 @@ use super::{
 use crate::eval::common::{atomic_write_json, Method, RunOptions};
 use crate::eval::plot::{grouped_bar_plot, BarGroups};
 use crate::eval::sweep::{
-    field, run_sweep, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+    field, run_sweep, PlanSweep, Sweep, SweepOutcome, SweepSetup, SweepUnits,
 };
-use crate::eval::EvalModel;
+use crate::eval::{generate_greedy_by_length, EvalModel};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -253,10 +253,7 @@ impl LongBenchPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
-            throughput: Throughput {
-                units: outcome.ran,
-                secs: outcome.ran_secs,
-            },
+            throughput: outcome.throughput(),
             out_dir: out_dir.to_path_buf(),
         }
     }
@@ -410,22 +407,10 @@ struct LongBenchSweep<'a> {
     tasks: &'a [LongBenchTask],
 }
 
-impl SweepUnits for LongBenchSweep<'_> {
-    type Unit = LongBenchUnit;
-    type Record = LongBenchRecord;
-    const UNIT_NAME: &'static str = "samples";
-
-    fn units(&self) -> &[LongBenchUnit] {
-        self.plan.units()
-    }
-    fn unit_id(&self, u: &LongBenchUnit) -> String {
-        self.plan.unit_id(u)
-    }
-    fn record_id(&self, r: &LongBenchRecord) -> String {
-        self.plan.record_id(r)
-    }
-    fn describe(&self, u: &LongBenchUnit) -> String {
-        self.plan.describe(u)
+impl PlanSweep for LongBenchSweep<'_> {
+    type Plan = LongBenchPlan;
+    fn plan(&self) -> &LongBenchPlan {
+        self.plan
     }
 }
 
@@ -462,27 +447,13 @@ impl Sweep for LongBenchSweep<'_> {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, (ids, _)) in prompts.iter().enumerate() {
-            by_length.entry(ids.len()).or_default().push(i);
-        }
-        let mut outputs = vec![None; prompts.len()];
-        for group in by_length.values() {
-            let ids: Vec<&[u32]> = group.iter().map(|&i| prompts[i].0.as_slice()).collect();
-            let outs = match ids.as_slice() {
-                [one] => vec![model.generate_greedy(one, max_new, &method.policy)?],
-                many => model.generate_greedy_batch(many, max_new, &method.policy)?,
-            };
-            for (&i, out) in group.iter().zip(outs) {
-                outputs[i] = Some(out);
-            }
-        }
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.0.as_slice()).collect();
+        let outputs = generate_greedy_by_length(model, &ids, max_new, &method.policy)?;
         units
             .iter()
             .zip(prompts)
             .zip(outputs)
             .map(|((u, (ids, truncated)), out)| {
-                let out = out.context("a sample was not generated")?;
                 let prediction = match newline {
                     Some(nl) => model.decode(cut_at_newline(&out.tokens, nl))?,
                     None => out.text,

@@ -6,7 +6,7 @@ use super::{cell_seed, key_found, Haystack, PasskeyTemplate, PromptBuilder};
 use crate::eval::common::{atomic_write_json, Method, RunOptions};
 use crate::eval::plot::passkey_heatmap;
 use crate::eval::sweep::{
-    field, run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+    field, run_sweep, PlanSweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
 };
 use crate::eval::EvalModel;
 use anyhow::{bail, Context, Result};
@@ -196,10 +196,7 @@ impl PasskeyPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
-            throughput: Throughput {
-                units: outcome.ran,
-                secs: outcome.ran_secs,
-            },
+            throughput: outcome.throughput(),
             out_dir: out_dir.to_path_buf(),
         }
     }
@@ -299,22 +296,10 @@ struct PasskeySweep<'a> {
     builder: Mutex<PromptBuilder<'a>>,
 }
 
-impl SweepUnits for PasskeySweep<'_> {
-    type Unit = PasskeyUnit;
-    type Record = PasskeySample;
-    const UNIT_NAME: &'static str = "samples";
-
-    fn units(&self) -> &[PasskeyUnit] {
-        self.plan.units()
-    }
-    fn unit_id(&self, u: &PasskeyUnit) -> String {
-        self.plan.unit_id(u)
-    }
-    fn record_id(&self, r: &PasskeySample) -> String {
-        self.plan.record_id(r)
-    }
-    fn describe(&self, u: &PasskeyUnit) -> String {
-        self.plan.describe(u)
+impl PlanSweep for PasskeySweep<'_> {
+    type Plan = PasskeyPlan;
+    fn plan(&self) -> &PasskeyPlan {
+        self.plan
     }
 }
 

@@ -6,9 +6,9 @@ use super::{round2, task_score, RulerSample, RulerTask};
 use crate::eval::common::{atomic_write_json, format_length, render_table, Method, RunOptions};
 use crate::eval::plot::{passkey_heatmap, HeatmapPanel};
 use crate::eval::sweep::{
-    field, run_sweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
+    field, run_sweep, PlanSweep, Shard, Sweep, SweepOutcome, SweepSetup, SweepUnits, Throughput,
 };
-use crate::eval::{EvalModel, GreedyOutput};
+use crate::eval::{generate_greedy_by_length, EvalModel};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -163,10 +163,7 @@ impl RulerPlan {
             resumed: outcome.resumed,
             complete,
             shard: outcome.shard,
-            throughput: Throughput {
-                units: outcome.ran,
-                secs: outcome.ran_secs,
-            },
+            throughput: outcome.throughput(),
             out_dir: out_dir.to_path_buf(),
         }
     }
@@ -440,22 +437,10 @@ impl RulerSweep<'_> {
     }
 }
 
-impl SweepUnits for RulerSweep<'_> {
-    type Unit = RulerUnit;
-    type Record = RulerRecord;
-    const UNIT_NAME: &'static str = "samples";
-
-    fn units(&self) -> &[RulerUnit] {
-        self.plan.units()
-    }
-    fn unit_id(&self, u: &RulerUnit) -> String {
-        self.plan.unit_id(u)
-    }
-    fn record_id(&self, r: &RulerRecord) -> String {
-        self.plan.record_id(r)
-    }
-    fn describe(&self, u: &RulerUnit) -> String {
-        self.plan.describe(u)
+impl PlanSweep for RulerSweep<'_> {
+    type Plan = RulerPlan;
+    fn plan(&self) -> &RulerPlan {
+        self.plan
     }
 }
 
@@ -481,48 +466,26 @@ impl Sweep for RulerSweep<'_> {
             .collect::<Result<_>>()?;
         let method = &self.plan.methods[units[0].method];
         let max_new = task.tokens_to_generate();
-        // Prompts of one token length decode together (their order does not matter: a
-        // batch equals its prompts one at a time).
-        let mut by_length: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (i, p) in ids.iter().enumerate() {
-            match by_length.iter_mut().find(|(n, _)| *n == p.len()) {
-                Some((_, members)) => members.push(i),
-                None => by_length.push((p.len(), vec![i])),
-            }
-        }
-        let mut outputs: Vec<Option<GreedyOutput>> = vec![None; ids.len()];
-        for (_, members) in by_length {
-            let generated = if members.len() == 1 {
-                vec![model.generate_greedy(&ids[members[0]], max_new, &method.policy)?]
-            } else {
-                let refs: Vec<&[u32]> = members.iter().map(|&i| ids[i].as_slice()).collect();
-                model.generate_greedy_batch(&refs, max_new, &method.policy)?
-            };
-            for (i, out) in members.into_iter().zip(generated) {
-                outputs[i] = Some(out);
-            }
-        }
-        units
+        let prompts: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let outputs = generate_greedy_by_length(model, &prompts, max_new, &method.policy)?;
+        Ok(units
             .iter()
             .zip(samples)
             .zip(ids)
             .zip(outputs)
-            .map(|(((u, s), ids), out)| {
-                let out = out.context("a batch returned too few outputs")?;
-                Ok(RulerRecord {
-                    method: method.name.clone(),
-                    task: u.task,
-                    length: u.length,
-                    sample: u.sample,
-                    prompt_tokens: ids.len(),
-                    references: s.outputs.clone(),
-                    score: u.task.score(&out.text, &s.outputs),
-                    output: out.text,
-                    prefill_secs: out.prefill_secs,
-                    kept_per_layer: out.kept_per_layer,
-                })
+            .map(|(((u, s), ids), out)| RulerRecord {
+                method: method.name.clone(),
+                task: u.task,
+                length: u.length,
+                sample: u.sample,
+                prompt_tokens: ids.len(),
+                references: s.outputs.clone(),
+                score: u.task.score(&out.text, &s.outputs),
+                output: out.text,
+                prefill_secs: out.prefill_secs,
+                kept_per_layer: out.kept_per_layer,
             })
-            .collect()
+            .collect())
     }
 }
 
