@@ -43,9 +43,10 @@ source scripts/gpu-env.sh
     LD_LIBRARY_PATH=$LD_LIBRARY_PATH ldd "$BIN/decimamba" | grep -E 'cu|nvrtc|not found'
 } 2>&1 | tee "$OUT/env.txt"
 
-# 1. Tests: CUDA logits vs CPU and fixtures, decimation, prefill + decode, 130m shape.
+# 1. Tests: CUDA logits vs CPU and fixtures, decimation, prefill + decode, 130m shape, and
+#    the Candle-ops backend on CUDA against the kernels.
 echo "== GPU tests"
-timeout 150 "$BIN/gpu-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-tests.log"
+timeout 240 "$BIN/gpu-tests" --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-tests.log"
 rc=${PIPESTATUS[0]}
 echo "gpu tests exit $rc"
 [[ $rc == 0 ]] || status=1
@@ -71,6 +72,9 @@ for policy in mambaextend mambaextend-channel modulation longmamba; do
     bench 90 "130m-bf16-$policy" --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 0 \
         --policy "$OUT/policies/$policy-130m.json"
 done
+# The Candle-ops backend (--backend candle) beside the CUDA kernels, in the same run.
+bench 150 130m-bf16-backends --shape 130m --dtype bf16 --lengths 2k,8k --decode 64 \
+    --compare-backends
 if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
     bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
     bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI

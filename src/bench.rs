@@ -247,6 +247,8 @@ pub struct BenchReport {
     pub model: String,
     pub dtype: String,
     pub device: String,
+    /// Which implementation ran the model (`cpu-simd`, `cuda-nvrtc`, `candle-ops`).
+    pub backend: String,
     pub threads: usize,
     /// Rows per prefill (tokens/s counts every row).
     #[serde(skip_serializing_if = "is_one")]
@@ -266,6 +268,13 @@ pub struct BenchReport {
     pub policy: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode: Option<DecodeResult>,
+    /// `--compare-backends`: the other backend on the same device, timed in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_backend: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_peer: BTreeMap<usize, PrefillResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_peer: Option<DecodeResult>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -451,9 +451,6 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
 pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> Result<MambaModel> {
     let config = MambaConfig::from_json_str(&files.config_json)
         .with_context(|| format!("model {}", files.name))?;
-    if !(device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())) {
-        bail!("--device {device:?}: the Mamba kernels of this build run on the CPU and CUDA only");
-    }
     let vb = match &files.weights {
         WeightFiles::Safetensors(paths) => {
             for p in paths {
@@ -546,6 +543,8 @@ pub struct ModelSpec {
     pub device: String,
     /// f32, bf16 or f16.
     pub dtype: String,
+    /// auto, candle or kernels: which implementation runs the mixers.
+    pub backend: String,
 }
 
 /// Loads what `args` names.
@@ -567,7 +566,8 @@ pub fn load(args: &ModelSpec) -> Result<LoadedModel> {
             )
         }
     };
-    let model = load_model(&files, &device, dtype)?;
+    let backend: crate::model::BackendChoice = args.backend.parse()?;
+    let model = load_model(&files, &device, dtype)?.with_backend(backend)?;
     let mut loaded = LoadedModel::new(model, tokenizer, files)?;
     loaded.tokenizer_source = tokenizer_source;
     Ok(loaded)

@@ -647,3 +647,122 @@ fn batched_generation_on_gpu_equals_one_prompt_at_a_time() {
         }
     }
 }
+
+/// `--backend candle --device cuda`: the Candle-ops backend on the GPU against the CUDA
+/// kernels, on every fixture, every policy, decimation indices, decode and a batch.
+#[test]
+fn candle_ops_backend_on_gpu_matches_the_cuda_kernels() {
+    use decimamba::model::{Backend, BackendChoice};
+    let gpu = cuda();
+    let generic_of = |m: MambaModel| m.with_backend(BackendChoice::Candle).unwrap();
+    for &(dir, fixture) in FIXTURES {
+        let fused = load(dir, &gpu, DType::F32);
+        let generic = generic_of(fused.clone());
+        assert_eq!(generic.backend(), Backend::CandleOps);
+        let ids = ids_of(&json(fixture)["input_ids"]);
+        let t = tensor_ids(&ids, &gpu);
+        let d = max_diff(
+            &generic.forward(&t).unwrap().values(),
+            &fused.forward(&t).unwrap().values(),
+        );
+        println!("candle-ops on CUDA, {dir}: logits within {d:.3e} of the kernels");
+        assert!(d < F32_TOL, "{dir}: {d}");
+        // Decode steps from the same prefill.
+        let (mut sg, mut sf) = (generic.new_state(ids.len()), fused.new_state(ids.len()));
+        let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..5].to_vec()).collect();
+        let opts = ForwardOptions::default();
+        generic
+            .forward_with_state(&tensor_ids(&head, &gpu), &mut sg, &opts)
+            .unwrap();
+        fused
+            .forward_with_state(&tensor_ids(&head, &gpu), &mut sf, &opts)
+            .unwrap();
+        for pos in 5..ids[0].len() {
+            let step: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
+            let d = max_diff(
+                &generic.step(&step, &mut sg).unwrap().values(),
+                &fused.step(&step, &mut sf).unwrap().values(),
+            );
+            assert!(d < F32_TOL, "{dir}: decode at {pos}: {d}");
+        }
+    }
+    for name in [
+        "one_layer",
+        "multi_layer",
+        "min_binding",
+        "tail_r5",
+        "short_seq",
+        "layer0_only_tail",
+    ] {
+        let reference = json(&format!("decimation/{name}.json"));
+        let fused = load(reference["model"].as_str().unwrap(), &gpu, DType::F32);
+        let generic = generic_of(fused.clone());
+        let cfg: DecimationConfig = serde_json::from_value(reference["config"].clone()).unwrap();
+        let tail = reference["protected_tail"].as_u64().unwrap() as usize;
+        let ids = tensor_ids(&ids_of(&reference["input_ids"]), &gpu);
+        let opts = ForwardOptions {
+            policy: Some(&cfg),
+            protected_tail: tail,
+            logits: LogitsSpan::All,
+            record_indices: true,
+            observer: None,
+        };
+        let run = |m: &MambaModel| {
+            let mut state = m.new_state(1);
+            let (logits, trace) = m.forward_with_state(&ids, &mut state, &opts).unwrap();
+            let kept: Vec<_> = trace.layers.iter().map(|l| l.kept.clone()).collect();
+            (logits.unwrap().values(), kept)
+        };
+        let ((lg, kg), (lf, kf)) = (run(&generic), run(&fused));
+        assert_eq!(kg, kf, "{name}: kept indices differ");
+        let d = max_diff(&lg, &lf);
+        assert!(d < F32_TOL, "{name}: logits differ by {d}");
+    }
+    let fused = load("tiny-rms-hf", &gpu, DType::F32);
+    let generic = generic_of(fused.clone());
+    for name in common::METHOD_CASES {
+        let case = common::method_case(name);
+        let g = common::policy_logits(&generic, &case.ids, &case.policy, None);
+        let d = max_diff(
+            &g,
+            &common::policy_logits(&fused, &case.ids, &case.policy, None),
+        );
+        assert!(
+            d < F32_TOL,
+            "{name}: candle-ops vs kernels on CUDA differ by {d}"
+        );
+    }
+}
+
+/// The Candle-ops top-K at a long length on the GPU: a random 130m-shape model decimating
+/// 16K tokens to 2K keeps (nearly) the tokens the CUDA kernels keep, and its logits agree.
+#[test]
+fn candle_ops_backend_decimates_a_long_prompt_like_the_kernels() {
+    use decimamba::model::BackendChoice;
+    let cfg = MambaConfig::of_shape("130m").unwrap();
+    let fused = random_model(&cfg, DType::F32, &cuda(), 0).unwrap();
+    let generic = fused.clone().with_backend(BackendChoice::Candle).unwrap();
+    let ids = decimamba::bench::random_ids(16_384, 50_000, 3);
+    let deci = DecimationConfig {
+        decimating_layers: vec![12],
+        decimation_beta: 0.5,
+        decimation_max_p_l_base: 2000,
+        decimation_min_seq_len: 20,
+        decimation_type: "max_p".into(),
+    };
+    let (lg, kg, _) = last_logits(&generic, &ids, Some(&deci));
+    let (lf, kf, _) = last_logits(&fused, &ids, Some(&deci));
+    let (kg, kf) = (kg[12].clone().unwrap(), kf[12].clone().unwrap());
+    assert_eq!(kg.len(), kf.len());
+    let same = kg.iter().filter(|i| kf.binary_search(i).is_ok()).count();
+    println!(
+        "candle-ops on CUDA, 16K decimated: {same}/{} kept tokens shared, logits within {:.3e}",
+        kf.len(),
+        max_diff(&lg, &lf)
+    );
+    // Scores summed in another order may swap a near-tie at the budget's edge.
+    assert!(same + 2 >= kf.len(), "only {same} of {} shared", kf.len());
+    if same == kf.len() {
+        assert!(max_diff(&lg, &lf) < 1e-2);
+    }
+}

@@ -108,7 +108,8 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
                 let cfg = MambaConfig::of_shape(shape)?;
                 let device = crate::loader::parse_device(&args.model.device)?;
                 let dtype = crate::loader::parse_dtype(&args.model.dtype)?;
-                let m = crate::bench::random_model(&cfg, dtype, &device, 0)?;
+                let m = crate::bench::random_model(&cfg, dtype, &device, 0)?
+                    .with_backend(args.model.backend.parse()?)?;
                 let lengths = parse_lengths(args.lengths.as_deref().unwrap_or("2k,4k,8k,16k"))?;
                 let longest = lengths.iter().copied().max().unwrap_or(0);
                 let ids = crate::bench::random_ids(longest, cfg.vocab_size.min(50_000), 0);

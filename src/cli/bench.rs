@@ -5,7 +5,7 @@ use super::output::println;
 use crate::bench::{self, BenchReport, PeakRss};
 use crate::eval::common::{atomic_write_json, parse_lengths, temp_sibling};
 use crate::loader::{parse_device, parse_dtype};
-use crate::model::MambaConfig;
+use crate::model::{BackendChoice, MambaConfig};
 use crate::policy::decimamba::ModelDefaults;
 use crate::policy::Policy;
 use anyhow::{bail, Context, Result};
@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// With --policy, the policy's prefill is timed beside vanilla instead.
     #[arg(long)]
     pub compare_decimation: bool,
+    /// Also time the other backend on the same device in the same run (Candle ops beside
+    /// the fused kernels, or the kernels beside --backend candle), with the ratio.
+    #[arg(long)]
+    pub compare_backends: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -80,7 +84,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "building random {shape} model ({:.0}M parameters)...",
                 cfg.num_params() as f64 / 1e6
             );
-            let m = bench::random_model(&cfg, dtype, &device, 0)?;
+            let m = bench::random_model(&cfg, dtype, &device, 0)?
+                .with_backend(args.model_args.backend.parse()?)?;
             let d = ModelDefaults {
                 name: format!("random-{shape}"),
                 n_layer: cfg.n_layer,
@@ -113,11 +118,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &format!("a bench prefill of {} × {longest} tokens", args.batch_size),
         )?;
     }
+    let peer = match args.compare_backends {
+        false => None,
+        true => {
+            let other = match model.backend().is_fused() {
+                true => BackendChoice::Candle,
+                false => BackendChoice::Kernels,
+            };
+            Some(model.clone().with_backend(other)?)
+        }
+    };
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "model {} | {} | {dtype:?} | {threads} thread{}{}",
+        "model {} | {} | {} | {dtype:?} | {threads} thread{}{}",
         defaults.name,
         args.model_args.device,
+        model.backend_name(),
         if threads == 1 { "" } else { "s" },
         match args.batch_size {
             1 => String::new(),
@@ -132,6 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model: defaults.name.clone(),
         dtype: format!("{dtype:?}").to_lowercase(),
         device: args.model_args.device.clone(),
+        backend: model.backend_name().to_string(),
         threads,
         batch_size: args.batch_size,
         peak_rss,
@@ -144,7 +161,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .filter(|_| decimation.is_none())
             .map(|p| p.settings()),
         decode: None,
+        peer_backend: peer.as_ref().map(|p| p.backend_name().to_string()),
+        prefill_peer: BTreeMap::new(),
+        decode_peer: None,
     };
+    if let Some(p) = &peer {
+        bench::time_prefill(p, 64, 1, None, 1)?;
+    }
     // Each finished measurement is saved at once (atomically), so a closed stdout, an
     // interrupt or a later failure keeps what is done.
     let save = |report: &BenchReport| match &args.json {
@@ -168,6 +191,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         note_scope(&mut report, r.peak_rss);
         report.prefill.insert(len, r);
         save(&report)?;
+        if let Some(p) = &peer {
+            let r = bench::time_prefill(p, len, args.batch_size, None, args.repeats)?;
+            println(&format!(
+                "{len:>8}  {:>10.3}  {:>12.1}  {:>10}  {} ({})",
+                r.s,
+                r.tok_per_s,
+                mib(r.peak_rss_mib),
+                p.backend_name(),
+                speed_ratio(report.prefill[&len].s, r.s, model.backend_name())
+            ))?;
+            note_scope(&mut report, r.peak_rss);
+            report.prefill_peer.insert(len, r);
+            save(&report)?;
+        }
         if let Some(p) = policy.as_option() {
             let r = bench::time_prefill(&model, len, args.batch_size, Some(p), args.repeats)?;
             let base = report.prefill[&len].s;
@@ -202,10 +239,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s",
             d.new_tokens, d.s, d.tok_per_s
         ))?;
+        if let Some(p) = &peer {
+            let pd = bench::time_decode(p, 128, args.decode)?;
+            println(&format!(
+                "decode, {}: {:.3} s, {:.1} tokens/s ({})",
+                p.backend_name(),
+                pd.s,
+                pd.tok_per_s,
+                speed_ratio(d.s, pd.s, model.backend_name())
+            ))?;
+            report.decode_peer = Some(pd);
+        }
         report.decode = Some(d);
         save(&report)?;
     }
     Ok(())
+}
+
+/// "2.31x slower than cpu-simd" for a peer taking `peer_s` where `base` took `base_s`.
+fn speed_ratio(base_s: f64, peer_s: f64, base: &str) -> String {
+    match peer_s >= base_s {
+        true => format!("{:.2}x slower than {base}", peer_s / base_s),
+        false => format!("{:.2}x faster than {base}", base_s / peer_s),
+    }
 }
 
 /// Fails with one line naming `path` unless a report can be written there: it is not a

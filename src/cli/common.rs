@@ -25,6 +25,13 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (the scan always accumulates in f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Which implementation runs the model: auto (the device's fused kernels on CPU and
+    /// CUDA, Candle ops on Metal), candle (plain Candle tensor ops on any device: slower,
+    /// the reference the kernels are tested against) or kernels. With candle, matmuls,
+    /// norms and gathers run in --dtype and everything elementwise in f32; on Metal bf16
+    /// needs a GPU with bfloat (Apple silicon on macOS 14 or later), else use f16 or f32.
+    #[arg(long, default_value = "auto", value_name = "auto|candle|kernels")]
+    pub backend: String,
     /// CPU threads (the same as setting RAYON_NUM_THREADS); default: all cores.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -143,6 +150,7 @@ impl ModelArgs {
             tokenizer: self.tokenizer.clone(),
             device: self.device.clone(),
             dtype: self.dtype.clone(),
+            backend: self.backend.clone(),
         }
     }
 

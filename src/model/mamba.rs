@@ -7,8 +7,11 @@
 //! single decode step; the caller passes the [`InferenceState`] that carries each layer's
 //! convolution window and SSM state from one call to the next.
 
+use super::backend::{Backend, BackendChoice};
 use super::config::MambaConfig;
 use super::kernels::{self, ConvInput, ScanInputs};
+#[path = "candle_ops.rs"]
+mod candle_ops;
 #[cfg(feature = "cuda")]
 #[path = "cuda.rs"]
 mod cuda;
@@ -144,8 +147,10 @@ impl Module for Norm {
 /// `[batch, d_conv−1, d_inner]`; `ssm` the SSM state h, `[batch, d_inner, d_state]`.
 #[derive(Debug)]
 pub enum LayerState {
+    /// Host vectors for the CPU kernels.
     Host { conv: Vec<f32>, ssm: Vec<f32> },
-    Device { conv: Tensor, ssm: Tensor },
+    /// f32 tensors on the model's device, for the CUDA kernels and the Candle-ops backend.
+    Tensors { conv: Tensor, ssm: Tensor },
 }
 
 /// A deep copy: decode steps update device states in place, so a clone must not share
@@ -160,12 +165,12 @@ impl Clone for LayerState {
                 conv: conv.clone(),
                 ssm: ssm.clone(),
             },
-            Self::Device { conv, ssm } => {
+            Self::Tensors { conv, ssm } => {
                 let copy = |t: &Tensor| {
                     t.copy()
                         .expect("cannot copy the recurrent state on the device")
                 };
-                Self::Device {
+                Self::Tensors {
                     conv: copy(conv),
                     ssm: copy(ssm),
                 }
@@ -219,16 +224,16 @@ impl InferenceState {
                         }
                         Ok(LayerState::Host { conv, ssm })
                     }
-                    LayerState::Device { .. } => {
+                    LayerState::Tensors { .. } => {
                         let (mut conv, mut ssm) = (Vec::new(), Vec::new());
                         for row in rows {
-                            let LayerState::Device { conv: c, ssm: h } = row else {
+                            let LayerState::Tensors { conv: c, ssm: h } = row else {
                                 bail!("cannot stack host and device states");
                             };
                             conv.push(c);
                             ssm.push(h);
                         }
-                        Ok(LayerState::Device {
+                        Ok(LayerState::Tensors {
                             conv: Tensor::cat(&conv, 0)?,
                             ssm: Tensor::cat(&ssm, 0)?,
                         })
@@ -376,6 +381,9 @@ struct Mixer {
     /// The same constants as f32 tensors on the GPU, for the CUDA kernels.
     #[cfg(feature = "cuda")]
     gpu: Option<cuda::MixerParams>,
+    /// The constants as tensors for the Candle-ops backend: present exactly when the
+    /// model runs it.
+    ops: Option<candle_ops::OpsParams>,
 }
 
 fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -516,6 +524,7 @@ impl Mixer {
             dt_rank: r,
             #[cfg(feature = "cuda")]
             gpu,
+            ops: None,
         })
     }
 
@@ -537,7 +546,7 @@ impl Mixer {
         state: &mut LayerState,
         plan: &LayerPlan,
         chunk: Option<usize>,
-        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] record: bool,
+        record: bool,
         watch: Watch,
     ) -> Result<(Tensor, Option<Kept>)> {
         match state {
@@ -546,13 +555,16 @@ impl Mixer {
                 let kept = kept.map(|k| Kept::from_host(k, h.device())).transpose()?;
                 Ok((out, kept))
             }
+            LayerState::Tensors { conv, ssm } if self.ops.is_some() => {
+                self.forward_ops(h, conv, ssm, plan, record, watch)
+            }
             #[cfg(feature = "cuda")]
-            LayerState::Device { conv, ssm } => {
+            LayerState::Tensors { conv, ssm } => {
                 self.forward_device(h, conv, ssm, plan, record, watch)
             }
             #[cfg(not(feature = "cuda"))]
-            LayerState::Device { .. } => bail!(
-                "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature)",
+            LayerState::Tensors { .. } => bail!(
+                "no Mamba kernels for {:?} in this build (CPU, or CUDA with the `cuda` feature); use --backend candle",
                 h.device()
             ),
         }
@@ -1001,6 +1013,8 @@ pub struct MambaModel {
     lm_head: Tensor,
     dtype: DType,
     device: Device,
+    /// Which implementation runs the mixers.
+    backend: Backend,
     /// CPU prefills longer than twice this run their vanilla layers in chunks of it.
     prefill_chunk: Option<usize>,
     /// When set (by Ctrl-C), a forward pass stops between layers and chunks with
@@ -1055,7 +1069,7 @@ impl MambaModel {
         } else {
             embedding.clone()
         };
-        Ok(Self {
+        let model = Self {
             config: config.clone(),
             embedding,
             layers,
@@ -1063,11 +1077,33 @@ impl MambaModel {
             lm_head,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            backend: Backend::CpuKernels,
             prefill_chunk: Some(CPU_PREFILL_CHUNK),
             cancel: None,
             #[cfg(feature = "cuda")]
             decode_graph: Default::default(),
-        })
+        };
+        model.with_backend(BackendChoice::Auto)
+    }
+
+    /// The model run by the backend `choice` names on its device (`Auto` is what
+    /// [`Self::new`] picks). States made before the switch do not fit the new backend.
+    pub fn with_backend(mut self, choice: BackendChoice) -> Result<Self> {
+        let backend = Backend::resolve(choice, &self.device)?;
+        for block in &mut self.layers {
+            let mixer = &mut block.mixer;
+            mixer.ops = match backend {
+                Backend::CandleOps => Some(candle_ops::OpsParams::new(mixer, &self.device)?),
+                _ => None,
+            };
+        }
+        self.backend = backend;
+        Ok(self)
+    }
+
+    /// Which implementation runs the mixers.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// A flag that, once set, makes every forward pass stop between layers and chunks
@@ -1102,11 +1138,7 @@ impl MambaModel {
     /// Which kernels run the mixer (`cpu-simd` or `cuda-nvrtc`): recorded with results,
     /// since each sums in its own order.
     pub fn backend_name(&self) -> &'static str {
-        if self.device.is_cuda() {
-            "cuda-nvrtc"
-        } else {
-            "cpu-simd"
-        }
+        self.backend.name()
     }
 
     pub fn dtype(&self) -> DType {
@@ -1121,7 +1153,7 @@ impl MambaModel {
         let c = &self.config;
         let (w, di, n) = (c.d_conv - 1, c.d_inner, c.d_state);
         let layer = || {
-            if self.device.is_cpu() {
+            if self.backend == Backend::CpuKernels {
                 LayerState::Host {
                     conv: vec![0f32; batch * w * di],
                     ssm: vec![0f32; batch * di * n],
@@ -1131,7 +1163,7 @@ impl MambaModel {
                     Tensor::zeros(shape, DType::F32, &self.device)
                         .expect("cannot allocate the recurrent state on the device")
                 };
-                LayerState::Device {
+                LayerState::Tensors {
                     conv: zeros((batch, w, di)),
                     ssm: zeros((batch, di, n)),
                 }
@@ -1179,6 +1211,7 @@ impl MambaModel {
         if len == 0 {
             bail!("cannot run the model on an empty sequence");
         }
+        self.check_state(state)?;
         let whole = Planner {
             policy: opts.policy,
             protected_tail: opts.protected_tail,
@@ -1257,11 +1290,27 @@ impl MambaModel {
         let hidden = self.norm_f.forward(&hidden)?.to_dtype(self.dtype)?;
         let logits = hidden
             .reshape((batch * take, self.config.d_model))?
-            .apply(&|x: &Tensor| linear(x, &self.lm_head))?
+            .apply(&|x: &Tensor| match self.backend.is_fused() {
+                true => linear(x, &self.lm_head),
+                false => x.matmul(&self.lm_head.t()?),
+            })?
             .reshape((batch, take, self.config.vocab_size))?
             .to_dtype(DType::F32)?;
         self.device.synchronize()?;
         Ok((Some(logits), trace))
+    }
+
+    /// Refuses a state made for another backend (host vectors for the CPU kernels,
+    /// tensors for the others): the mixer would run the wrong implementation.
+    fn check_state(&self, state: &InferenceState) -> Result<()> {
+        let host = matches!(state.layers.first(), Some(LayerState::Host { .. }));
+        if host != (self.backend == Backend::CpuKernels) {
+            bail!(
+                "the recurrent state was made for another backend than this model's ({}): make it with this model's new_state",
+                self.backend.name()
+            );
+        }
+        Ok(())
     }
 
     /// Embedding lookup: `ids` `[batch, len]` → residual stream `[batch, len, d_model]`.
@@ -1292,7 +1341,7 @@ impl MambaModel {
         opts: &ForwardOptions,
         trace: &mut ForwardTrace,
     ) -> Result<Tensor> {
-        let mut residual = match self.device.is_cuda() {
+        let mut residual = match self.backend == Backend::CudaKernels {
             true => residual.to_dtype(DType::F32)?,
             false => residual,
         };
@@ -1348,7 +1397,7 @@ impl MambaModel {
         norm_of: Option<usize>,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if self.device.is_cuda() {
+        if self.backend == Backend::CudaKernels {
             let (batch, len, d_model) = residual.dims3()?;
             let params = self.layers[norm_of.unwrap_or(0)]
                 .mixer
@@ -1499,6 +1548,7 @@ impl MambaModel {
                 ids.len()
             );
         }
+        self.check_state(state)?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
             bail!(
                 "token id {bad} is outside the model's vocabulary of {}",
@@ -1506,7 +1556,7 @@ impl MambaModel {
             );
         }
         #[cfg(feature = "cuda")]
-        if self.device.is_cuda()
+        if self.backend == Backend::CudaKernels
             && super::gpu_plan::decode_fits(ids.len(), self.config.d_model, self.config.d_inner)
         {
             let logits = self.step_device(ids, state)?;
@@ -1528,7 +1578,7 @@ impl MambaModel {
     fn step_device(&self, ids: &[u32], state: &mut InferenceState) -> Result<Tensor> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for (block, layer_state) in self.layers.iter().zip(&state.layers) {
-            let LayerState::Device { conv, ssm } = layer_state else {
+            let LayerState::Tensors { conv, ssm } = layer_state else {
                 bail!("a CUDA model needs a state made by its own new_state");
             };
             let m = &block.mixer;

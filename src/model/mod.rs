@@ -1,10 +1,13 @@
-//! The Mamba-1 model: configuration, weights, mixer and CPU kernels.
+//! The Mamba-1 model: configuration, weights, mixer, and its backends (CPU and CUDA
+//! kernels, and Candle ops for any device).
 
+pub mod backend;
 pub mod config;
 pub mod gpu_plan;
 pub mod kernels;
 pub mod mamba;
 
+pub use backend::{Backend, BackendChoice};
 pub use config::{CheckpointFormat, MambaConfig};
 #[cfg(feature = "cuda")]
 pub use mamba::select_top_k_on_device;

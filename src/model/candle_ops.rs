@@ -1,0 +1,548 @@
+//! The mixer in plain Candle tensor ops: the device-generic backend. It runs wherever
+//! Candle runs (CPU, CUDA, Metal) and carries out every primitive of a [`LayerPlan`], so
+//! the model and the policy seam do not care which backend runs. It is the reference
+//! the fused kernels are tested against, and the path a Mac takes.
+//!
+//! Shape glossary: B batch, L tokens, D d_inner, N d_state, R dt_rank, K d_conv.
+//!
+//! Ops and dtypes it needs, checked against candle-metal-kernels 0.11.1 (`metal_src/`):
+//! - in the model dtype (f32, f16, bf16): `matmul` (mlx_gemm), `index_select` with u32
+//!   ids (indexing), `rms_norm` and `layer_norm` (candle-nn, reduce), `add`, casts to and
+//!   from f32, and the copies behind `contiguous` and `cat`;
+//! - in f32 only: broadcast `add`, `sub`, `mul`, `div`; `exp`, `log`, `abs`, `neg`,
+//!   `relu`, `silu`, `sqr`, `sqrt`, `floor`, `affine`; `sum` over the last dim;
+//!   `ge`, `gt`, `le`, `eq` (to u8); casts u8 → f32, f32 → u32;
+//! - in u32: `max` (the vocabulary check).
+//!
+//! Metal compiles its bf16 kernels only where the GPU has bfloat (`__HAVE_BFLOAT__`), so
+//! bf16 needs such a Mac; every other Mac runs f16 or f32. Everything elementwise here
+//! runs in f32 (as the fused kernels accumulate), so no bf16 elementwise kernel is needed.
+//!
+//! Candle ops that do not fit, and what replaces them:
+//! - `arg_sort_last_dim`: on Metal one threadgroup sorts a row (at most 1024 columns), on
+//!   CUDA a row must fit in shared memory, and neither sort is stable. Top-K is instead
+//!   a bisection for the K-th largest score, counting with `ge` + `sum`
+//!   ([`kth_largest`]), then masks and a gather by binary search ([`set_positions`]).
+//! - `cumsum`: a dense L×L triangular matmul. [`inclusive_cumsum`] works in blocks.
+//! - `index_add` / `scatter_add`: on Metal one thread walks the whole index list; the
+//!   binary search above gathers instead of scattering.
+
+use super::{Kept, Mixer, Projection, Watch};
+use crate::policy::observe::ScanView;
+use crate::policy::{DeltaScale, KeepRule, LayerPlan};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// The mixer's constants as f32 tensors on the model's device.
+#[derive(Debug, Clone)]
+pub(super) struct OpsParams {
+    /// Conv taps, tap-major `[K, D]`.
+    conv_weight_t: Tensor,
+    conv_bias: Tensor,
+    dt_bias: Tensor,
+    a_log: Tensor,
+    /// A = −exp(A_log), `[D, N]`.
+    a: Tensor,
+    d_skip: Tensor,
+}
+
+impl OpsParams {
+    pub(super) fn new(m: &Mixer, device: &Device) -> Result<Self> {
+        let (di, n) = (m.d_inner, m.d_state);
+        Ok(Self {
+            conv_weight_t: Tensor::from_slice(&m.conv_weight_t, (m.d_conv, di), device)?,
+            conv_bias: Tensor::from_slice(&m.conv_bias, di, device)?,
+            dt_bias: Tensor::from_slice(&m.dt_bias, di, device)?,
+            a_log: Tensor::from_slice(&m.a_log, (di, n), device)?,
+            a: Tensor::from_slice(&m.a, (di, n), device)?,
+            d_skip: Tensor::from_slice(&m.d_skip, di, device)?,
+        })
+    }
+}
+
+/// `x Wᵀ (+ b)` as one matmul, whatever the number of rows.
+pub(super) fn project(p: &Projection, x: &Tensor) -> Result<Tensor> {
+    let y = x.matmul(&p.weight.t()?)?;
+    Ok(match &p.bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+impl Mixer {
+    /// The mixer in Candle ops. `h`: normalised input `[B, L, d_model]`; `conv`
+    /// (`[B, K−1, D]`) and `ssm` (`[B, D, N]`) are the f32 states, replaced on return.
+    /// Returns the output `[B, L', d_model]` and, when the plan dropped tokens, the kept
+    /// ones (on the host too when `record` or an observer wants them).
+    pub(super) fn forward_ops(
+        &self,
+        h: &Tensor,
+        conv: &mut Tensor,
+        ssm: &mut Tensor,
+        plan: &LayerPlan,
+        record: bool,
+        watch: Watch,
+    ) -> Result<(Tensor, Option<Kept>)> {
+        let p = self
+            .ops
+            .as_ref()
+            .context("the Candle-ops backend has no parameters for this layer")?;
+        let (batch, len, d_model) = h.dims3()?;
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = project(&self.in_proj, &h.reshape((batch * len, d_model))?)?;
+        let xz = xz.to_dtype(DType::F32)?.reshape((batch, len, 2 * di))?;
+        let (x_conv, window) = causal_conv_silu(&xz.narrow(2, 0, di)?, conv, p)?;
+        *conv = window;
+        let x_conv = x_conv.reshape((batch * len, di))?;
+        // x_proj → (dt, B, C) in the model dtype, as the fused paths.
+        let dbc = project(&self.x_proj, &x_conv.to_dtype(h.dtype())?)?;
+        let dt = dbc
+            .narrow(1, 0, r)?
+            .contiguous()?
+            .matmul(&self.dt_proj_weight.t()?)?;
+        let delta = softplus(&dt.to_dtype(DType::F32)?.broadcast_add(&p.dt_bias)?)?;
+        let delta = delta_under(&delta, plan)?;
+        let a = match plan.a_log_scale {
+            Some(s) => p.a_log.affine(s as f64, 0.0)?.exp()?.neg()?,
+            None => p.a.clone(),
+        };
+        let bc = dbc.to_dtype(DType::F32)?;
+        let kept = match plan.keep {
+            Some(rule) => keep_tokens(&delta, (batch, len, di), rule)?,
+            None => None,
+        }
+        .map(|indices| -> Result<Kept> {
+            let host = match record || watch.observer().is_some() {
+                true => Some(
+                    indices
+                        .to_vec1::<u32>()?
+                        .into_iter()
+                        .map(|i| i as usize)
+                        .collect(),
+                ),
+                false => None,
+            };
+            Ok(Kept { indices, host })
+        })
+        .transpose()?;
+        if let Some(observer) = watch.observer() {
+            let a_host = a.flatten_all()?.to_vec1::<f32>()?;
+            let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            observer.on_scan(&ScanView {
+                layer: watch.layer,
+                batch,
+                len,
+                d_inner: di,
+                d_state: n,
+                a: &a_host,
+                delta: &host(&delta)?,
+                x: &host(&x_conv)?,
+                bc: &host(&bc)?,
+                bc_row_stride: r + 2 * n,
+                b_offset: r,
+                c_offset: r + n,
+                kept: kept.as_ref().and_then(|k| k.host.as_deref()),
+            })?;
+        }
+        let z = xz.narrow(2, di, di)?.reshape((batch * len, di))?;
+        let (mut x_conv, mut delta, mut bc, mut z, mut scan_len) = (x_conv, delta, bc, z, len);
+        if let Some(k) = &kept {
+            let gather = |t: &Tensor| t.index_select(&k.indices, 0);
+            (x_conv, delta, bc, z) = (gather(&x_conv)?, gather(&delta)?, gather(&bc)?, gather(&z)?);
+            scan_len = k.indices.dim(0)? / batch;
+        }
+        let rows = |t: Tensor, width: usize| t.reshape((batch, scan_len, width));
+        let inputs = ScanTensors {
+            x: rows(x_conv, di)?,
+            delta: rows(delta, di)?,
+            b: rows(bc.narrow(1, r, n)?.contiguous()?, n)?,
+            c: rows(bc.narrow(1, r + n, n)?.contiguous()?, n)?,
+            z: rows(z, di)?,
+        };
+        let (y, h_last) = selective_scan(&inputs, &a, &p.d_skip, ssm)?;
+        *ssm = h_last;
+        let y = y.reshape((batch * scan_len, di))?.to_dtype(h.dtype())?;
+        let out = project(&self.out_proj, &y)?.reshape((batch, scan_len, d_model))?;
+        Ok((out, kept))
+    }
+}
+
+/// Causal depthwise conv1d + SiLU of `x` (`[B, L, D]`, f32) continuing from `window`
+/// (the `K − 1` inputs before it): output tap j multiplies the input K−1−j steps back, as
+/// PyTorch's conv1d with left padding. Returns the output and the new window, the last
+/// `K − 1` inputs (decode continues from the full input, even when the scan keeps fewer).
+fn causal_conv_silu(x: &Tensor, window: &Tensor, p: &OpsParams) -> Result<(Tensor, Tensor)> {
+    let (_, len, di) = x.dims3()?;
+    let k = p.conv_weight_t.dim(0)?;
+    let padded = match k {
+        1 => x.contiguous()?,
+        _ => Tensor::cat(&[window, &x.contiguous()?], 1)?,
+    };
+    let tap = |j: usize| -> Result<Tensor> {
+        let w = p.conv_weight_t.narrow(0, j, 1)?.reshape((1, 1, di))?;
+        Ok(padded.narrow(1, j, len)?.broadcast_mul(&w)?)
+    };
+    // bias + Σ_j w_j·x_{t−(K−1−j)}, summed in the fused kernel's order.
+    let mut acc = tap(0)?.broadcast_add(&p.conv_bias.reshape((1, 1, di))?)?;
+    for j in 1..k {
+        acc = (acc + tap(j)?)?;
+    }
+    let window = padded.narrow(1, len, k - 1)?.contiguous()?;
+    Ok((acc.silu()?, window))
+}
+
+/// softplus(v) = max(v, 0) + ln(1 + e^−|v|), which never overflows. ln(1 + u) is
+/// Goldberg's log1p, ln(w)·u / (w − 1) with w = 1 + u rounded (Goldberg 1991, "What
+/// every computer scientist should know about floating-point arithmetic", Thm. 4): a
+/// plain ln(1 + u) loses relative precision for the small u of Δ ≈ 1e-3.
+fn softplus(v: &Tensor) -> Result<Tensor> {
+    let u = v.abs()?.neg()?.exp()?;
+    let w = u.affine(1.0, 1.0)?;
+    let w_minus_1 = w.affine(1.0, -1.0)?;
+    // Where w rounds to 1, ln(1 + u) = u to f32 precision.
+    let exact_one = w_minus_1.eq(0.0)?.to_dtype(DType::F32)?;
+    let log1p = ((w.log()? * &u)? / (w_minus_1 + &exact_one)?)?;
+    let log1p = (log1p + (exact_one * u)?)?;
+    Ok((v.relu()? + log1p)?)
+}
+
+/// Δ under the plan: scaled (MambaExtend, UPI), then filtered (LongMamba: Δ_{t,c} ≤ θ_c
+/// becomes 0). `delta`: `[rows, D]`.
+fn delta_under(delta: &Tensor, plan: &LayerPlan) -> Result<Tensor> {
+    let device = delta.device();
+    let mut delta = delta.clone();
+    match &plan.delta_scale {
+        Some(DeltaScale::Layer(s)) => delta = delta.affine(*s as f64, 0.0)?,
+        Some(DeltaScale::Channel(s)) => {
+            delta = delta.broadcast_mul(&Tensor::from_slice(s, s.len(), device)?)?
+        }
+        None => {}
+    }
+    if let Some(theta) = &plan.delta_filter {
+        let theta = Tensor::from_slice(theta, theta.len(), device)?;
+        let above = delta.broadcast_gt(&theta)?.to_dtype(DType::F32)?;
+        delta = (delta * above)?;
+    }
+    Ok(delta)
+}
+
+/// DeciMamba's token choice on Δ (`[B·L, D]`): per row, the `keep` candidates of the first
+/// `L − tail` with the largest ‖Δ_t‖₂ (ties to the earlier token), ascending, then the
+/// protected tail, as indices into the flattened B·L tokens; `None` when the candidates
+/// fit the budget. The same rule as `policy::select::select_by_scores`.
+fn keep_tokens(
+    delta: &Tensor,
+    (batch, len, di): (usize, usize, usize),
+    rule: KeepRule,
+) -> Result<Option<Tensor>> {
+    let candidates = len.saturating_sub(rule.protected_tail);
+    if candidates <= rule.keep {
+        return Ok(None);
+    }
+    if len >= F32_EXACT_INT {
+        bail!("the Candle-ops backend chooses tokens among fewer than 2^24 (got {len})");
+    }
+    let device = delta.device();
+    let scores = delta
+        .reshape((batch, len, di))?
+        .sqr()?
+        .sum(D::Minus1)?
+        .sqrt()?;
+    let pool = scores.narrow(1, 0, candidates)?.contiguous()?;
+    let chosen = match rule.keep {
+        0 => Tensor::zeros((batch, 0), DType::F32, device)?,
+        k => {
+            let kth = Tensor::from_vec(kth_largest(&pool, k)?, (batch, 1), device)?;
+            let above = pool.broadcast_gt(&kth)?.to_dtype(DType::F32)?;
+            let tied = pool.broadcast_eq(&kth)?.to_dtype(DType::F32)?;
+            // The tied tokens still needed, taken in position order.
+            let need = above.sum_keepdim(1)?.affine(-1.0, k as f64)?;
+            let first_ties = inclusive_cumsum(&tied)?
+                .broadcast_le(&need)?
+                .to_dtype(DType::F32)?;
+            set_positions(&(above + (tied * first_ties)?)?, k)?
+        }
+    };
+    let tail: Vec<f32> = (candidates..len).map(|i| i as f32).collect();
+    let tail = Tensor::from_vec(tail, (1, len - candidates), device)?.repeat((batch, 1))?;
+    let row_start: Vec<f32> = (0..batch).map(|b| (b * len) as f32).collect();
+    let row_start = Tensor::from_vec(row_start, (batch, 1), device)?;
+    let kept = Tensor::cat(&[chosen, tail], 1)?.broadcast_add(&row_start)?;
+    Ok(Some(kept.flatten_all()?.to_dtype(DType::U32)?))
+}
+
+/// f32 holds every integer below this exactly: counts and positions stay exact under it.
+const F32_EXACT_INT: usize = 1 << 24;
+
+/// The k-th largest value of each row of `scores` (`[B, C]`, non-negative, k ≤ C), found
+/// exactly by bisection on the f32 bit patterns (which order non-negative floats as
+/// integers): at most 31 rounds of counting the scores ≥ a probe, all rows at once.
+fn kth_largest(scores: &Tensor, k: usize) -> Result<Vec<f32>> {
+    let rows = scores.dim(0)?;
+    // Invariant: at least k scores are ≥ lo, fewer than k are ≥ hi (a NaN: none is).
+    let mut lo = vec![0u32; rows];
+    let mut hi = vec![0x7f80_0001u32; rows];
+    while lo.iter().zip(&hi).any(|(l, h)| h - l > 1) {
+        let mid: Vec<u32> = lo.iter().zip(&hi).map(|(l, h)| l + (h - l) / 2).collect();
+        let probe: Vec<f32> = mid.iter().map(|&b| f32::from_bits(b)).collect();
+        let probe = Tensor::from_vec(probe, (rows, 1), scores.device())?;
+        let counts = scores
+            .broadcast_ge(&probe)?
+            .to_dtype(DType::F32)?
+            .sum(1)?
+            .to_vec1::<f32>()?;
+        for r in 0..rows {
+            if hi[r] - lo[r] > 1 {
+                match counts[r] as usize >= k {
+                    true => lo[r] = mid[r],
+                    false => hi[r] = mid[r],
+                }
+            }
+        }
+    }
+    Ok(lo.into_iter().map(f32::from_bits).collect())
+}
+
+/// Block length of [`inclusive_cumsum`]: one `[·, 256] × [256, 256]` matmul per level.
+const CUMSUM_BLOCK: usize = 256;
+
+/// Inclusive prefix sums along the last dim of `x` (`[rows, n]`, f32 holding small
+/// integers, so every sum is exact): within blocks of [`CUMSUM_BLOCK`] by a matmul with an
+/// upper-triangular matrix of ones, then the blocks' totals, recursively. O(n · block)
+/// work and memory, where Candle's `cumsum` builds an n × n matrix.
+fn inclusive_cumsum(x: &Tensor) -> Result<Tensor> {
+    let (rows, n) = x.dims2()?;
+    let device = x.device();
+    let upper = |m: usize| -> Result<Tensor> {
+        let ones: Vec<f32> = (0..m * m)
+            .map(|e| f32::from(u8::from(e / m <= e % m)))
+            .collect();
+        Ok(Tensor::from_vec(ones, (m, m), device)?)
+    };
+    if n <= CUMSUM_BLOCK {
+        return Ok(x.contiguous()?.matmul(&upper(n)?)?);
+    }
+    let blocks = n.div_ceil(CUMSUM_BLOCK);
+    let pad = blocks * CUMSUM_BLOCK - n;
+    let padded = match pad {
+        0 => x.contiguous()?,
+        _ => Tensor::cat(&[x, &Tensor::zeros((rows, pad), DType::F32, device)?], 1)?,
+    };
+    let within = padded
+        .reshape((rows * blocks, CUMSUM_BLOCK))?
+        .matmul(&upper(CUMSUM_BLOCK)?)?
+        .reshape((rows, blocks, CUMSUM_BLOCK))?;
+    let totals = within
+        .narrow(2, CUMSUM_BLOCK - 1, 1)?
+        .reshape((rows, blocks))?;
+    let before = (inclusive_cumsum(&totals)? - &totals)?;
+    let sums = within.broadcast_add(&before.unsqueeze(2)?)?;
+    Ok(sums
+        .reshape((rows, blocks * CUMSUM_BLOCK))?
+        .narrow(1, 0, n)?)
+}
+
+/// The positions (ascending, as f32) of the `count` ones of each row of `mask`
+/// (`[B, C]`, 0/1, exactly `count` ones per row): the j-th is the first position whose
+/// prefix count reaches j + 1, found for all j at once by binary search, each step one
+/// gather of the prefix counts. O(count · log C) without sorting or scattering.
+fn set_positions(mask: &Tensor, count: usize) -> Result<Tensor> {
+    let (rows, c) = mask.dims2()?;
+    let device = mask.device();
+    let prefix = inclusive_cumsum(mask)?.flatten_all()?;
+    let target: Vec<f32> = (1..=count).map(|j| j as f32).collect();
+    let target = Tensor::from_vec(target, (1, count), device)?.repeat((rows, 1))?;
+    let row_start: Vec<f32> = (0..rows).map(|b| (b * c) as f32).collect();
+    let row_start = Tensor::from_vec(row_start, (rows, 1), device)?;
+    let mut lo = Tensor::zeros((rows, count), DType::F32, device)?;
+    let mut hi = Tensor::full((c - 1) as f32, (rows, count), device)?;
+    // The answer stays in [lo, hi]; the range halves each step.
+    let steps = usize::BITS - (c - 1).leading_zeros() + 1;
+    for _ in 0..steps {
+        let mid = ((&lo + &hi)? * 0.5)?.floor()?;
+        let at = mid
+            .broadcast_add(&row_start)?
+            .flatten_all()?
+            .to_dtype(DType::U32)?;
+        let reached = prefix
+            .index_select(&at, 0)?
+            .reshape((rows, count))?
+            .ge(&target)?
+            .to_dtype(DType::F32)?;
+        let missed = reached.affine(-1.0, 1.0)?;
+        hi = ((&reached * &mid)? + (&missed * &hi)?)?;
+        lo = ((&reached * &lo)? + (&missed * (mid + 1.0)?)?)?;
+    }
+    Ok(lo)
+}
+
+/// What the scan reads, `[B, L, ·]` f32: x after conv + SiLU, Δ under the plan, B, C and
+/// the gate z.
+struct ScanTensors {
+    x: Tensor,
+    delta: Tensor,
+    b: Tensor,
+    c: Tensor,
+    z: Tensor,
+}
+
+/// Elements of one discretised chunk (`[T, B, D, N]`) the scan materialises: 16 MiB of f32.
+const SCAN_CHUNK_ELEMS: usize = 1 << 22;
+
+/// The selective scan (Gu & Dao 2023, Alg. 2) chunk by chunk: within a chunk of T tokens
+/// the discretisation Ā = exp(Δ·A), B̄x = Δ·B·x is formed for all tokens at once, the
+/// recurrence h_t = Ā_t h_{t−1} + B̄_t x_t runs as a short loop of two ops per token, and
+/// y_t = C_t·h_t for the chunk is one product and sum. The state is carried from chunk to
+/// chunk, so memory is O(T · D · N), never O(L · D · N). Then y + D·x, gated by SiLU(z).
+/// `h0`: `[B, D, N]`. Returns y `[B, L, D]` and the last state.
+fn selective_scan(
+    s: &ScanTensors,
+    a: &Tensor,
+    d_skip: &Tensor,
+    h0: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (batch, len, di) = s.x.dims3()?;
+    let n = a.dim(1)?;
+    let chunk = (SCAN_CHUNK_ELEMS / (batch * di * n).max(1)).clamp(1, 256);
+    let a = a.reshape((1, 1, di, n))?;
+    let mut h = h0.clone();
+    let mut ys = Vec::with_capacity(len.div_ceil(chunk));
+    for start in (0..len).step_by(chunk) {
+        let t = chunk.min(len - start);
+        let part = |x: &Tensor| x.narrow(1, start, t);
+        let delta = part(&s.delta)?;
+        // Time-major so each step reads one contiguous [B, D, N] slice.
+        let decay = delta
+            .unsqueeze(3)?
+            .broadcast_mul(&a)?
+            .exp()?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let input = (delta * part(&s.x)?)?
+            .unsqueeze(3)?
+            .broadcast_mul(&part(&s.b)?.unsqueeze(2)?)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let mut states = Vec::with_capacity(t);
+        for step in 0..t {
+            h = ((decay.get(step)? * &h)? + input.get(step)?)?;
+            states.push(h.clone());
+        }
+        let states = Tensor::stack(&states, 1)?;
+        let c = part(&s.c)?.unsqueeze(2)?;
+        ys.push(states.broadcast_mul(&c)?.sum(D::Minus1)?);
+    }
+    let y = Tensor::cat(&ys, 1)?;
+    let y = (y + s.x.broadcast_mul(&d_skip.reshape((1, 1, di))?)?)?;
+    Ok(((y * s.z.silu()?)?, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::select::select_by_scores;
+
+    fn keep_on_host(scores: &[f32], keep: usize, tail: usize) -> Option<Vec<usize>> {
+        let len = scores.len();
+        // Δ with one channel: ‖Δ_t‖₂ is the score itself.
+        let delta = Tensor::from_slice(scores, (len, 1), &Device::Cpu).unwrap();
+        let rule = KeepRule {
+            keep,
+            protected_tail: tail,
+        };
+        keep_tokens(&delta, (1, len, 1), rule).unwrap().map(|t| {
+            t.to_vec1::<u32>()
+                .unwrap()
+                .into_iter()
+                .map(|i| i as usize)
+                .collect()
+        })
+    }
+
+    #[test]
+    fn top_k_equals_the_host_rule_with_ties_and_long_rows() {
+        // Many exact ties (values from a small set), rows longer than a cumsum block.
+        for (len, keep, tail, levels) in [
+            (10, 3, 1, 3),
+            (700, 100, 5, 4),
+            (1000, 999, 0, 2),
+            (3000, 1, 2, 1),
+            (600, 0, 3, 5),
+            (70_000, 2000, 1, 7),
+        ] {
+            let scores: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 + 13) % levels) as f32 * 0.25)
+                .collect();
+            let want = select_by_scores(&scores, keep, tail);
+            assert_eq!(
+                keep_on_host(&scores, keep, tail),
+                want,
+                "len {len} keep {keep}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_rows_choose_their_own_tokens() {
+        let (len, di) = (40, 3);
+        let delta: Vec<f32> = (0..2 * len * di)
+            .map(|i| ((i * 37 % 11) as f32 + 0.5) / 7.0)
+            .collect();
+        let t = Tensor::from_slice(&delta, (2 * len, di), &Device::Cpu).unwrap();
+        let rule = KeepRule {
+            keep: 9,
+            protected_tail: 2,
+        };
+        let got = keep_tokens(&t, (2, len, di), rule).unwrap().unwrap();
+        let got: Vec<usize> = got
+            .to_vec1::<u32>()
+            .unwrap()
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        let mut want = Vec::new();
+        for b in 0..2 {
+            let row = &delta[b * len * di..(b + 1) * len * di];
+            let idx = crate::policy::select::select_tokens(row, di, 9, 2).unwrap();
+            want.extend(idx.into_iter().map(|i| b * len + i));
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn blocked_cumsum_is_exact() {
+        for n in [1, 255, 256, 257, 70_000] {
+            let x: Vec<f32> = (0..2 * n).map(|i| ((i * 31) % 3) as f32).collect();
+            let got = inclusive_cumsum(&Tensor::from_slice(&x, (2, n), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let mut want = Vec::with_capacity(2 * n);
+            for row in x.chunks(n) {
+                let mut acc = 0.0;
+                want.extend(row.iter().map(|v| {
+                    acc += v;
+                    acc
+                }));
+            }
+            assert_eq!(got, want, "n {n}");
+        }
+    }
+
+    #[test]
+    fn softplus_keeps_relative_precision() {
+        let v = [-30.0f32, -16.0, -6.9, -1.0, 0.0, 0.3, 5.0, 25.0, 90.0];
+        let got = softplus(&Tensor::new(&v, &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (x, y) in v.iter().zip(got) {
+            let want = (*x as f64).exp().ln_1p().max(*x as f64);
+            let want = if *x > 30.0 { *x as f64 } else { want };
+            let rel = ((y as f64 - want) / want).abs();
+            assert!(rel < 1e-6, "softplus({x}) = {y}, want {want} (rel {rel:e})");
+        }
+    }
+}
