@@ -567,10 +567,35 @@ pub fn load(args: &ModelSpec) -> Result<LoadedModel> {
         }
     };
     let backend: crate::model::BackendChoice = args.backend.parse()?;
+    let (dtype, dtype_note) = dtype_on_device(&device, dtype);
     let model = load_model(&files, &device, dtype)?.with_backend(backend)?;
     let mut loaded = LoadedModel::new(model, tokenizer, files)?;
     loaded.tokenizer_source = tokenizer_source;
+    loaded.warnings.extend(dtype_note);
     Ok(loaded)
+}
+
+/// The dtype to run `dtype` in on `device`: Metal compiles its bf16 kernels only on GPUs
+/// with bfloat (`__HAVE_BFLOAT__` in candle-metal-kernels), so where a bf16 matmul fails,
+/// bf16 runs as f16 (the same memory; the residual stream stays f32 where the checkpoint
+/// asks), with a note saying so.
+fn dtype_on_device(device: &Device, dtype: DType) -> (DType, Option<String>) {
+    if !(device.is_metal() && dtype == DType::BF16) {
+        return (dtype, None);
+    }
+    let probe = Tensor::ones((2, 2), DType::BF16, device)
+        .and_then(|t| t.matmul(&t))
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec2::<f32>());
+    match probe {
+        Ok(_) => (dtype, None),
+        Err(e) => (
+            DType::F16,
+            Some(format!(
+                "this Metal GPU has no bf16 kernels ({e}); running in f16 instead"
+            )),
+        ),
+    }
 }
 
 impl LoadedModel {

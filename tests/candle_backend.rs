@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use decimamba::loader::{files_from_dir, load_model};
-use decimamba::model::{Backend, BackendChoice, ForwardOptions, LogitsSpan, MambaModel};
+use decimamba::model::{Backend, BackendChoice, ChunkScan, ForwardOptions, LogitsSpan, MambaModel};
 use decimamba::{DecimationConfig, Policy};
 use serde_json::Value;
 
@@ -286,4 +286,34 @@ fn the_kernels_are_refused_where_none_exist_and_states_follow_the_backend() {
     assert!(generic
         .forward_with_state(&ids, &mut state, &ForwardOptions::default())
         .is_err());
+}
+
+#[test]
+fn the_prefix_scan_equals_the_sequential_one() {
+    // The GPU default, run here on the CPU: every fixture, a decimating policy, decode.
+    for &(dir, fixture) in FIXTURES {
+        let sequential =
+            load(dir, DType::F32, BackendChoice::Candle).with_chunk_scan(ChunkScan::Sequential);
+        let prefix = sequential.clone().with_chunk_scan(ChunkScan::Prefix);
+        let ids = tensor_ids(&ids_of(&json(fixture)["input_ids"]));
+        let d = max_diff(
+            &prefix.forward(&ids).unwrap().values(),
+            &sequential.forward(&ids).unwrap().values(),
+        );
+        assert!(d < 1e-5, "{dir}: prefix vs sequential scan differ by {d}");
+    }
+    let reference = json("decimation/multi_layer.json");
+    let dir = reference["model"].as_str().unwrap();
+    let prefix = load(dir, DType::F32, BackendChoice::Candle).with_chunk_scan(ChunkScan::Prefix);
+    let fused = load(dir, DType::F32, BackendChoice::Kernels);
+    let cfg: DecimationConfig = serde_json::from_value(reference["config"].clone()).unwrap();
+    let tail = reference["protected_tail"].as_u64().unwrap() as usize;
+    let ids = ids_of(&reference["input_ids"]);
+    let (lp, kp, dp) = decimated(&prefix, &ids, &cfg, tail, &[3, 1, 4]);
+    let (lf, kf, df) = decimated(&fused, &ids, &cfg, tail, &[3, 1, 4]);
+    assert_eq!(kp, kf);
+    assert!(max_diff(&lp, &lf) < TOL);
+    for (p, f) in dp.iter().zip(&df) {
+        assert!(max_diff(p, f) < TOL);
+    }
 }

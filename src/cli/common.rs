@@ -22,14 +22,14 @@ pub struct ModelArgs {
     /// cuda:0,cuda:1); cpu:0,cpu:1 are CPU workers.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// f32, bf16 or f16 (the scan always accumulates in f32).
+    /// f32, bf16 or f16 (the scan always accumulates in f32). On Metal, bf16 needs a GPU
+    /// with bfloat kernels (Apple silicon, macOS 14 or later); elsewhere it runs as f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Which implementation runs the model: auto (the device's fused kernels on CPU and
     /// CUDA, Candle ops on Metal), candle (plain Candle tensor ops on any device: slower,
     /// the reference the kernels are tested against) or kernels. With candle, matmuls,
-    /// norms and gathers run in --dtype and everything elementwise in f32; on Metal bf16
-    /// needs a GPU with bfloat (Apple silicon on macOS 14 or later), else use f16 or f32.
+    /// norms and gathers run in --dtype and everything elementwise in f32.
     #[arg(long, default_value = "auto", value_name = "auto|candle|kernels")]
     pub backend: String,
     /// CPU threads (the same as setting RAYON_NUM_THREADS); default: all cores.

@@ -12,6 +12,7 @@ use super::config::MambaConfig;
 use super::kernels::{self, ConvInput, ScanInputs};
 #[path = "candle_ops.rs"]
 mod candle_ops;
+pub use candle_ops::ChunkScan;
 #[cfg(feature = "cuda")]
 #[path = "cuda.rs"]
 mod cuda;
@@ -1099,6 +1100,17 @@ impl MambaModel {
         }
         self.backend = backend;
         Ok(self)
+    }
+
+    /// How the Candle-ops backend runs the scan's recurrence within a time chunk (the
+    /// default picks by device; the fused backends ignore it).
+    pub fn with_chunk_scan(mut self, mode: ChunkScan) -> Self {
+        for block in &mut self.layers {
+            if let Some(ops) = &mut block.mixer.ops {
+                ops.chunk_scan = mode;
+            }
+        }
+        self
     }
 
     /// Which implementation runs the mixers.
