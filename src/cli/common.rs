@@ -77,11 +77,14 @@ pub fn check_memory(
     force: bool,
     what: &str,
 ) -> Result<()> {
+    // The CPU runs long prefills in chunks; a decimating layer of the Candle-ops backend
+    // holds its whole input's activations (the fused CPU one chooses chunk by chunk).
+    let chunked = model.device().is_cpu() && (model.backend().is_fused() || !decimating);
     let need = crate::memory::prefill_bytes(
         model.config(),
         model.dtype(),
         len,
-        model.device().is_cpu(),
+        chunked,
         decimating,
         logits_rows,
     );
