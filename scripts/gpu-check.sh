@@ -79,6 +79,8 @@ if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
     bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
     bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI
     bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 $DECI
+    # Memory: 2.8b bf16, vanilla, 512K tokens in one prefill on one GPU.
+    REPEATS=1 bench 150 2.8b-bf16-512k --shape 2.8b --dtype bf16 --lengths 512k --decode 0
 fi
 
 # 2b. Sweep throughput: passkey and eval-ppl at batch 1 against batch 16 (scripts/

@@ -231,6 +231,10 @@ pub struct PrefillResult {
     pub runs_s: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// On CUDA: GPU memory the process holds after the prefill, in MiB (its pool keeps
+    /// the high-water mark, weights included; lengths run shortest first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_held_mib: Option<f64>,
     /// What `peak_rss_mib` covers (the report states it once, as `peak_rss`).
     #[serde(skip)]
     pub peak_rss: PeakRss,
@@ -339,6 +343,8 @@ pub fn time_prefill(
         tok_per_s: (batch * len) as f64 / s,
         runs_s: runs,
         peak_rss_mib: peak_rss_mib(),
+        gpu_held_mib: crate::model::gpu_used_bytes(model.device())
+            .map(|b| b as f64 / (1u64 << 20) as f64),
         peak_rss: scope,
         kept_per_layer: kept,
     })

@@ -174,6 +174,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(path) => atomic_write_json(path, report),
         None => Ok(()),
     };
+    if model.device().is_cuda() {
+        eprintln!("note: on CUDA, peak MiB is the GPU memory the process holds after each prefill (its pool keeps the high-water mark; weights included)");
+    }
     println(&format!(
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
@@ -186,7 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "{len:>8}  {:>10.3}  {:>12.1}  {:>10}",
             r.s,
             r.tok_per_s,
-            mib(r.peak_rss_mib)
+            mib(r.gpu_held_mib.or(r.peak_rss_mib))
         ))?;
         note_scope(&mut report, r.peak_rss);
         report.prefill.insert(len, r);
@@ -197,7 +200,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "{len:>8}  {:>10.3}  {:>12.1}  {:>10}  {} ({})",
                 r.s,
                 r.tok_per_s,
-                mib(r.peak_rss_mib),
+                mib(r.gpu_held_mib.or(r.peak_rss_mib)),
                 p.backend_name(),
                 speed_ratio(report.prefill[&len].s, r.s, model.backend_name())
             ))?;
@@ -217,7 +220,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 len,
                 r.s,
                 r.tok_per_s,
-                mib(r.peak_rss_mib),
+                mib(r.gpu_held_mib.or(r.peak_rss_mib)),
                 base / r.s
             ))?;
             let label = match &decimation {

@@ -986,6 +986,23 @@ pub fn gpu_free_bytes(device: &Device) -> Option<u64> {
     None
 }
 
+/// GPU memory in use on a CUDA device in bytes (total − free; `None` elsewhere). The
+/// model keeps freed memory in its stream-ordered pool, so this is the process's
+/// high-water mark, weights included (plus any other process on the device).
+pub fn gpu_used_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Asks the policy for each layer's plan. A chunk of a longer input is planned at the
 /// whole input's length (`whole_len`), so that every chunk runs the same plans.
 #[derive(Clone, Copy)]

@@ -12,6 +12,6 @@ pub use config::{CheckpointFormat, MambaConfig};
 #[cfg(feature = "cuda")]
 pub use mamba::select_top_k_on_device;
 pub use mamba::{
-    gpu_free_bytes, take_gpu_profile, ChunkScan, ForwardOptions, ForwardTrace, InferenceState,
-    Interrupted, LayerTrace, LogitsSpan, MambaModel,
+    gpu_free_bytes, gpu_used_bytes, take_gpu_profile, ChunkScan, ForwardOptions, ForwardTrace,
+    InferenceState, Interrupted, LayerTrace, LogitsSpan, MambaModel,
 };
