@@ -460,6 +460,42 @@ fn gather_kept(residual: &Tensor, flat: &Tensor) -> Result<Tensor> {
         .reshape((batch, kept, d))?)
 }
 
+/// What a token-selecting CPU layer reads chunk by chunk: its normalised input, or the
+/// residual stream with the layer's norm, applied one chunk at a time so that no
+/// normalised copy of a long input exists (the norm acts on each token alone).
+#[derive(Clone, Copy)]
+enum SelectingInput<'a> {
+    Normed(&'a Tensor),
+    Residual {
+        residual: &'a Tensor,
+        norm: &'a Norm,
+        dtype: DType,
+    },
+}
+
+impl SelectingInput<'_> {
+    fn len(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Normed(h) => h.dim(1)?,
+            Self::Residual { residual, .. } => residual.dim(1)?,
+        })
+    }
+
+    /// Tokens `start..start + rows`, normalised.
+    fn rows(&self, start: usize, rows: usize) -> Result<Tensor> {
+        Ok(match self {
+            Self::Normed(h) => h.narrow(1, start, rows)?,
+            Self::Residual {
+                residual,
+                norm,
+                dtype,
+            } => norm
+                .forward(&residual.narrow(1, start, rows)?)?
+                .to_dtype(*dtype)?,
+        })
+    }
+}
+
 impl Mixer {
     fn load(vb: &VarBuilder, cfg: &MambaConfig) -> Result<Self> {
         let (d, di, n, r, k) = (
@@ -717,7 +753,7 @@ impl Mixer {
             // pass.
             if let Some(chunk) = chunk.filter(|&c| batch == 1 && len > 2 * c) {
                 return self.forward_host_selecting(
-                    h,
+                    SelectingInput::Normed(h),
                     (conv_state, ssm_state),
                     plan,
                     (rule, chunk),
@@ -871,18 +907,18 @@ impl Mixer {
     /// instead of O(L · d_inner), for one extra in_proj of the sequence.
     fn forward_host_selecting(
         &self,
-        h: &Tensor,
+        h: SelectingInput,
         (conv_state, ssm_state): (&mut [f32], &mut [f32]),
         plan: &LayerPlan,
         (rule, chunk): (KeepRule, usize),
         watch: Watch,
     ) -> Result<(Tensor, Option<Vec<usize>>)> {
-        let len = h.dim(1)?;
+        let len = h.len()?;
         let history = conv_state.to_vec();
         let mut scores = Vec::with_capacity(len);
         for start in (0..len).step_by(chunk) {
             let rows = chunk.min(len - start);
-            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state, plan)?;
+            let pre = self.pre_scan(&h.rows(start, rows)?, conv_state, plan)?;
             scores.extend(token_scores(&pre.delta, self.d_inner));
         }
         let selected = select_by_scores(&scores, rule.keep, rule.protected_tail);
@@ -890,9 +926,12 @@ impl Mixer {
         conv_state.copy_from_slice(&history);
         let mut gathered = PreScan::default();
         let mut next = 0;
+        let mut like = None;
         for start in (0..len).step_by(chunk) {
             let rows = chunk.min(len - start);
-            let pre = self.pre_scan(&h.narrow(1, start, rows)?, conv_state, plan)?;
+            let h_rows = h.rows(start, rows)?;
+            let pre = self.pre_scan(&h_rows, conv_state, plan)?;
+            like.get_or_insert(h_rows);
             let first = next;
             while next < kept.len() && kept[next] < start + rows {
                 next += 1;
@@ -908,7 +947,8 @@ impl Mixer {
                 self,
             );
         }
-        let out = self.scan_and_project(&gathered, 1, kept.len(), ssm_state, h, plan)?;
+        let like = like.context("a selecting layer needs a non-empty input")?;
+        let out = self.scan_and_project(&gathered, 1, kept.len(), ssm_state, &like, plan)?;
         Ok((out, selected))
     }
 
@@ -1277,6 +1317,13 @@ impl MambaModel {
             // residual stream) is kept whole for the layer that must score every token.
             Some(first) if first > 0 && chunk.is_some_and(|c| len > 2 * c) => {
                 let chunk = chunk.unwrap_or(len);
+                // One f32 sequence is assembled in place (a join of the pieces would hold the
+                // stream twice); other cases join the pieces.
+                let in_place = batch == 1 && residual_dtype == DType::F32;
+                let mut joined: Vec<f32> = Vec::new();
+                if in_place {
+                    joined.reserve_exact(len * self.config.d_model);
+                }
                 let mut pieces = Vec::new();
                 let mut trace = ForwardTrace::default();
                 let mut start = 0;
@@ -1284,11 +1331,19 @@ impl MambaModel {
                     let end = (start + chunk).min(len);
                     let piece = self.embed(&ids.narrow(1, start, end - start)?, residual_dtype)?;
                     let mut t = ForwardTrace::default();
-                    pieces.push(self.run_blocks(piece, 0..first, state, &whole, opts, &mut t)?);
+                    let piece = self.run_blocks(piece, 0..first, state, &whole, opts, &mut t)?;
+                    match in_place {
+                        true => joined.extend(piece.flatten_all()?.to_vec1::<f32>()?),
+                        false => pieces.push(piece),
+                    }
                     trace.merge_chunk(t);
                     start = end;
                 }
-                (Tensor::cat(&pieces, 1)?, trace, first)
+                let residual = match in_place {
+                    true => Tensor::from_vec(joined, (1, len, self.config.d_model), &self.device)?,
+                    false => Tensor::cat(&pieces, 1)?,
+                };
+                (residual, trace, first)
             }
             _ => (self.embed(ids, residual_dtype)?, ForwardTrace::default(), 0),
         };
@@ -1380,18 +1435,44 @@ impl MambaModel {
             self.check_cancel()?;
             let len_in = residual.dim(1)?;
             let plan = planner.plan(i, len_in);
-            let normed = self.add_and_norm(&mut residual, pending.take(), Some(i))?;
-            let (out, kept) = self.layers[i].mixer.forward(
-                &normed,
-                &mut state.layers[i],
-                &plan,
-                self.cpu_chunk(),
-                opts.record_indices,
-                Watch {
-                    layer: i,
-                    observer: opts.observer,
-                },
-            )?;
+            let watch = Watch {
+                layer: i,
+                observer: opts.observer,
+            };
+            let (out, kept) = match self.selects_from_residual(&residual, &pending, &plan)? {
+                // A long input's first selecting layer: normalised chunk by chunk.
+                Some((rule, chunk)) => {
+                    let LayerState::Host { conv, ssm } = &mut state.layers[i] else {
+                        bail!("the CPU kernels need a host state");
+                    };
+                    let input = SelectingInput::Residual {
+                        residual: &residual,
+                        norm: &self.layers[i].norm,
+                        dtype: self.dtype,
+                    };
+                    let mixer = &self.layers[i].mixer;
+                    let (out, kept) = mixer.forward_host_selecting(
+                        input,
+                        (conv, ssm),
+                        &plan,
+                        (rule, chunk),
+                        watch,
+                    )?;
+                    let kept = kept.map(|k| Kept::from_host(k, &self.device)).transpose()?;
+                    (out, kept)
+                }
+                None => {
+                    let normed = self.add_and_norm(&mut residual, pending.take(), Some(i))?;
+                    self.layers[i].mixer.forward(
+                        &normed,
+                        &mut state.layers[i],
+                        &plan,
+                        self.cpu_chunk(),
+                        opts.record_indices,
+                        watch,
+                    )?
+                }
+            };
             let mut recorded = None;
             if let Some(k) = kept {
                 #[cfg(feature = "cuda")]
@@ -1415,6 +1496,24 @@ impl MambaModel {
             self.add_and_norm(&mut residual, Some(out), None)?;
         }
         Ok(residual)
+    }
+
+    /// The keep rule and chunk when layer's mixer should choose its tokens straight from
+    /// the residual stream: the CPU kernels, one long sequence, a keep rule, and nothing
+    /// pending to add (the first layer of a pass, as for the first selecting layer of a long
+    /// prefill). A normalised copy of the input is then never made.
+    fn selects_from_residual(
+        &self,
+        residual: &Tensor,
+        pending: &Option<Tensor>,
+        plan: &LayerPlan,
+    ) -> Result<Option<(KeepRule, usize)>> {
+        let (batch, len, _) = residual.dims3()?;
+        let (Some(rule), Some(chunk)) = (plan.keep, self.cpu_chunk()) else {
+            return Ok(None);
+        };
+        let fits = self.backend == Backend::CpuKernels && pending.is_none() && batch == 1;
+        Ok((fits && len > 2 * chunk).then_some((rule, chunk)))
     }
 
     /// Adds the previous mixer's output (`pending`) to the residual stream and returns
