@@ -378,6 +378,9 @@ pub fn selective_scan(inp: &ScanInputs, state: &mut [f32]) -> Vec<f32> {
 /// Output rows per matvec task.
 const MATVEC_BLOCK: usize = 64;
 
+/// Accumulator lanes of one matvec dot product: four AVX-512 (eight AVX2) registers.
+const MATVEC_LANES: usize = 64;
+
 /// A weight element the decode matvec streams: f32, or bf16 widened on the fly (bf16 is the
 /// high half of an f32, so widening is a 16-bit shift that vectorises).
 pub trait MatvecWeight: Copy + Send + Sync {
@@ -414,19 +417,23 @@ fn matvec_rows<W: MatvecWeight>(
         let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
         for i in 0..m {
             let xr = &x[i * k..(i + 1) * k];
-            // 16 independent lanes, summed at the end: vectorises without reassociation.
-            let mut lanes = [0f32; 16];
-            for (xc, wc) in xr.chunks_exact(16).zip(wr.chunks_exact(16)) {
-                for l in 0..16 {
+            // MATVEC_LANES independent lanes, summed at the end: vectorises without
+            // reassociation, and four vector accumulators hide the FMA latency.
+            let mut lanes = [0f32; MATVEC_LANES];
+            for (xc, wc) in xr
+                .chunks_exact(MATVEC_LANES)
+                .zip(wr.chunks_exact(MATVEC_LANES))
+            {
+                for l in 0..MATVEC_LANES {
                     lanes[l] += xc[l] * wc[l].widen();
                 }
             }
-            let tail = k / 16 * 16;
+            let tail = k / MATVEC_LANES * MATVEC_LANES;
             let mut sum = 0f32;
             for j in tail..k {
                 sum += xr[j] * wr[j].widen();
             }
-            let mut half = 8;
+            let mut half = MATVEC_LANES / 2;
             while half > 0 {
                 for l in 0..half {
                     lanes[l] += lanes[l + half];
