@@ -287,6 +287,9 @@ pub struct DecodeResult {
     pub new_tokens: usize,
     pub s: f64,
     pub tok_per_s: f64,
+    /// Weights streamed per second at batch 1 (every parameter once per token): the
+    /// bound decode approaches at full memory bandwidth.
+    pub weight_gb_per_s: f64,
 }
 
 pub fn random_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -391,11 +394,14 @@ pub fn time_decode(
         next = MambaModel::argmax_last(&logits)?[0];
     }
     let s = start.elapsed().as_secs_f64();
+    let tok_per_s = new_tokens as f64 / s;
+    let weight_bytes = model.config().num_params() as f64 * model.dtype().size_in_bytes() as f64;
     Ok(DecodeResult {
         prompt_tokens,
         new_tokens,
         s,
-        tok_per_s: new_tokens as f64 / s,
+        tok_per_s,
+        weight_gb_per_s: tok_per_s * weight_bytes / 1e9,
     })
 }
 

@@ -113,13 +113,15 @@ fn chunked_prefill_equals_one_pass() {
 
 /// Logits and the kept indices of every layer of one decimated prefill, then the logits
 /// of decode steps after it.
+type Decimated = (Vec<f32>, Vec<Option<Vec<usize>>>, Vec<Vec<f32>>);
+
 fn decimated(
     model: &MambaModel,
     ids: &[Vec<u32>],
     cfg: &DecimationConfig,
     tail: usize,
     steps: &[u32],
-) -> (Vec<f32>, Vec<Option<Vec<usize>>>, Vec<Vec<f32>>) {
+) -> Decimated {
     let mut state = model.new_state(1);
     let opts = ForwardOptions {
         policy: Some(cfg),

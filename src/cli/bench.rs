@@ -239,8 +239,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.decode > 0 {
         let d = bench::time_decode(&model, 128, args.decode)?;
         println(&format!(
-            "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s",
-            d.new_tokens, d.s, d.tok_per_s
+            "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s ({:.1} GB/s of weights)",
+            d.new_tokens, d.s, d.tok_per_s, d.weight_gb_per_s
         ))?;
         if let Some(p) = &peer {
             let pd = bench::time_decode(p, 128, args.decode)?;
