@@ -10,8 +10,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    fixtures, floats, ids_of, json, max_diff, method_case, zeroed_counts, Values, ZeroCounter,
-    METHOD_CASES,
+    fixtures, floats, ids_of, json, max_diff, method_case, method_case_in, zeroed_counts, Values,
+    ZeroCounter, METHOD_CASES,
 };
 
 const TOL: f32 = 1e-4;
@@ -189,8 +189,11 @@ fn decimation_fixtures_keep_the_same_tokens() {
 #[test]
 fn every_method_matches_the_kernels_and_the_reference() {
     let (generic, fused) = pair("tiny-rms-hf");
-    for name in METHOD_CASES {
-        let case = method_case(name);
+    let cases = METHOD_CASES
+        .iter()
+        .map(|n| (*n, method_case(n)))
+        .chain(["upi_inference", "upi_short"].map(|n| (n, method_case_in("analysis", n))));
+    for (name, case) in cases {
         let got = common::policy_logits(&generic, &case.ids, &case.policy, None);
         let d = max_diff(
             &got,
