@@ -10,8 +10,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    fixtures, floats, ids_of, json, max_diff, method_case, method_case_in, zeroed_counts, Values,
-    ZeroCounter, METHOD_CASES,
+    fixtures, floats, ids_of, json, max_diff, method_case, method_case_in, reference_kept,
+    zeroed_counts, Values, ZeroCounter, DECIMATION_CASES, METHOD_CASES,
 };
 
 const TOL: f32 = 1e-4;
@@ -143,14 +143,7 @@ fn decimated(
 
 #[test]
 fn decimation_fixtures_keep_the_same_tokens() {
-    for name in [
-        "one_layer",
-        "multi_layer",
-        "min_binding",
-        "tail_r5",
-        "short_seq",
-        "layer0_only_tail",
-    ] {
+    for name in DECIMATION_CASES {
         let reference = json(&format!("decimation/{name}.json"));
         let (generic, fused) = pair(reference["model"].as_str().unwrap());
         let cfg: DecimationConfig = serde_json::from_value(reference["config"].clone()).unwrap();
@@ -164,14 +157,7 @@ fn decimation_fixtures_keep_the_same_tokens() {
         let (lf, kf, df) = decimated(&fused, &ids, &cfg, tail, &steps);
         assert_eq!(kg, kf, "{name}: kept indices differ");
         for kept in reference["kept"].as_array().unwrap() {
-            let layer = kept["layer"].as_u64().unwrap() as usize;
-            let want: Vec<usize> = kept["indices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            let len_in = kept["len_in"].as_u64().unwrap() as usize;
+            let (layer, len_in, want) = reference_kept(kept);
             let got = kg[layer].clone().unwrap_or_else(|| (0..len_in).collect());
             assert_eq!(got, want, "{name}: layer {layer} against the reference");
         }

@@ -3,29 +3,14 @@
 //! --compare-backends` times both in one run.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn fixture(p: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-        .display()
-        .to_string()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_decimamba"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("RUST_BACKTRACE")
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod cli_support;
+use cli_support::{assert_one_line_error, bin, fixture, run, stderr};
 
 fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "command failed: {err}");
+    assert!(o.status.success(), "command failed: {}", stderr(o));
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -92,13 +77,13 @@ fn passkey_on_the_embedded_model_is_the_same_with_both_backends() {
 #[test]
 fn eval_ppl_on_the_embedded_model_is_the_same_with_both_backends() {
     let dir = tempfile::tempdir().unwrap();
-    let run_with = |backend: &str| {
-        let out = dir.path().join(backend);
-        ok(&run(&[
+    let data = fixture("text/austen-excerpt.txt");
+    let args = |out: &Path, backend: &str| -> Vec<String> {
+        let mut a: Vec<String> = [
             "eval-ppl",
             "--compare",
             "--data",
-            &fixture("text/austen-excerpt.txt"),
+            &data,
             "--lengths",
             "1k,2k",
             "--windows",
@@ -106,11 +91,20 @@ fn eval_ppl_on_the_embedded_model_is_the_same_with_both_backends() {
             "--pred-len",
             "50",
             "--quiet",
-            "--backend",
-            backend,
             "--out",
-            out.to_str().unwrap(),
-        ]));
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push(out.display().to_string());
+        if !backend.is_empty() {
+            a.extend(["--backend".to_string(), backend.to_string()]);
+        }
+        a
+    };
+    let run_with = |backend: &str| {
+        let out = dir.path().join(backend);
+        let a = args(&out, backend);
+        ok(&run(&a.iter().map(String::as_str).collect::<Vec<_>>()));
         out
     };
     let (kernels, candle) = (run_with("kernels"), run_with("candle"));
@@ -135,21 +129,8 @@ fn eval_ppl_on_the_embedded_model_is_the_same_with_both_backends() {
         assert!((p - q).abs() < 1e-5, "mean NLL {p} vs {q}");
     }
     // A run folder refuses to resume under another backend (sums differ in the last bits).
-    let o = run(&[
-        "eval-ppl",
-        "--compare",
-        "--data",
-        &fixture("text/austen-excerpt.txt"),
-        "--lengths",
-        "1k,2k",
-        "--windows",
-        "2",
-        "--pred-len",
-        "50",
-        "--quiet",
-        "--out",
-        candle.to_str().unwrap(),
-    ]);
+    let a = args(&candle, "");
+    let o = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         !o.status.success(),
         "resumed a candle-ops run with the kernels"
@@ -193,12 +174,14 @@ fn backend_errors_are_one_line() {
             "without the `metal` feature",
         ),
     ] {
-        let o = run(&args);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert_one_line_error(&run(&args), needle);
     }
+    let o = bin()
+        .env("DECIMAMBA_CANDLE_SCAN", "fast")
+        .args(["generate", "--backend", "candle", "hi"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "DECIMAMBA_CANDLE_SCAN=fast");
 }
 
 #[test]

@@ -281,14 +281,7 @@ fn decimation_case(name: &str) {
 
 #[test]
 fn decimation_fixtures() {
-    for name in [
-        "one_layer",
-        "multi_layer",
-        "min_binding",
-        "tail_r5",
-        "short_seq",
-        "layer0_only_tail",
-    ] {
+    for name in common::DECIMATION_CASES {
         decimation_case(name);
     }
 }
@@ -686,14 +679,7 @@ fn candle_ops_backend_on_gpu_matches_the_cuda_kernels() {
             assert!(d < F32_TOL, "{dir}: decode at {pos}: {d}");
         }
     }
-    for name in [
-        "one_layer",
-        "multi_layer",
-        "min_binding",
-        "tail_r5",
-        "short_seq",
-        "layer0_only_tail",
-    ] {
+    for name in common::DECIMATION_CASES {
         let reference = json(&format!("decimation/{name}.json"));
         let fused = load(reference["model"].as_str().unwrap(), &gpu, DType::F32);
         let generic = generic_of(fused.clone());

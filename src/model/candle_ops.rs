@@ -63,18 +63,14 @@ impl OpsParams {
             a_log: Tensor::from_slice(&m.a_log, (di, n), device)?,
             a: Tensor::from_slice(&m.a, (di, n), device)?,
             d_skip: Tensor::from_slice(&m.d_skip, di, device)?,
-            chunk_scan: ChunkScan::from_env(),
+            chunk_scan: ChunkScan::from_env()?,
         })
     }
 }
 
 /// `x Wᵀ (+ b)` as one matmul, whatever the number of rows.
 pub(super) fn project(p: &Projection, x: &Tensor) -> Result<Tensor> {
-    let y = x.matmul(&p.weight.t()?)?;
-    Ok(match &p.bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    Ok(p.add_bias(x.matmul(&p.weight.t()?)?)?)
 }
 
 impl Mixer {
@@ -262,12 +258,18 @@ pub enum ChunkScan {
 }
 
 impl ChunkScan {
-    /// `DECIMAMBA_CANDLE_SCAN=sequential|prefix` forces a variant (for benchmarks).
-    pub(super) fn from_env() -> Self {
-        match std::env::var("DECIMAMBA_CANDLE_SCAN").as_deref() {
-            Ok("sequential") => Self::Sequential,
-            Ok("prefix") => Self::Prefix,
-            _ => Self::Auto,
+    /// `DECIMAMBA_CANDLE_SCAN=sequential|prefix|auto` forces a variant (for benchmarks).
+    pub(super) fn from_env() -> Result<Self> {
+        match std::env::var("DECIMAMBA_CANDLE_SCAN") {
+            Err(_) => Ok(Self::Auto),
+            Ok(v) => match v.trim() {
+                "" | "auto" => Ok(Self::Auto),
+                "sequential" => Ok(Self::Sequential),
+                "prefix" => Ok(Self::Prefix),
+                other => anyhow::bail!(
+                    "DECIMAMBA_CANDLE_SCAN={other}: expected sequential, prefix or auto"
+                ),
+            },
         }
     }
 

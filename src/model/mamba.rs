@@ -43,14 +43,20 @@ impl Projection {
     }
 }
 
-impl Module for Projection {
-    /// `x`: `[rows, in]` → `[rows, out]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = linear(x, &self.weight)?;
+impl Projection {
+    /// `y + b` when the projection has a bias.
+    fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Projection {
+    /// `x`: `[rows, in]` → `[rows, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.add_bias(linear(x, &self.weight)?)
     }
 }
 
@@ -1011,8 +1017,8 @@ pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
     Vec::new()
 }
 
-/// Free memory of a CUDA device in bytes (`None` on other devices or builds).
-pub fn gpu_free_bytes(device: &Device) -> Option<u64> {
+/// (free, total) memory of a CUDA device in bytes (`None` on other devices or builds).
+fn gpu_memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         return d
@@ -1020,27 +1026,22 @@ pub fn gpu_free_bytes(device: &Device) -> Option<u64> {
             .context()
             .mem_get_info()
             .ok()
-            .map(|(free, _)| free as u64);
+            .map(|(free, total)| (free as u64, total as u64));
     }
     let _ = device;
     None
+}
+
+/// Free memory of a CUDA device in bytes (`None` on other devices or builds).
+pub fn gpu_free_bytes(device: &Device) -> Option<u64> {
+    gpu_memory(device).map(|(free, _)| free)
 }
 
 /// GPU memory in use on a CUDA device in bytes (total − free; `None` elsewhere). The
 /// model keeps freed memory in its stream-ordered pool, so this is the process's
 /// high-water mark, weights included (plus any other process on the device).
 pub fn gpu_used_bytes(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        return d
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, total)| (total - free) as u64);
-    }
-    let _ = device;
-    None
+    gpu_memory(device).map(|(free, total)| total - free)
 }
 
 /// Asks the policy for each layer's plan. A chunk of a longer input is planned at the

@@ -75,6 +75,28 @@ impl Values for Tensor {
     }
 }
 
+/// The DeciMamba fixtures of scripts/make_fixtures.py under tests/fixtures/reference/decimation.
+pub const DECIMATION_CASES: &[&str] = &[
+    "one_layer",
+    "multi_layer",
+    "min_binding",
+    "tail_r5",
+    "short_seq",
+    "layer0_only_tail",
+];
+
+/// One `kept` entry of a decimation fixture: (layer, its input length, the kept indices).
+pub fn reference_kept(kept: &Value) -> (usize, usize, Vec<usize>) {
+    let indices = kept["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let layer = kept["layer"].as_u64().unwrap() as usize;
+    (layer, kept["len_in"].as_u64().unwrap() as usize, indices)
+}
+
 /// The context-extension method fixtures of scripts/method_reference.py that run the
 /// tiny-rms-hf model on one input under one policy.
 pub const METHOD_CASES: &[&str] = &[
