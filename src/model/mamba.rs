@@ -9,6 +9,7 @@
 
 use super::backend::{Backend, BackendChoice};
 use super::config::MambaConfig;
+use super::host_f32::HostF32;
 use super::kernels::{self, ConvInput, ScanInputs};
 #[path = "candle_ops.rs"]
 mod candle_ops;
@@ -402,26 +403,33 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// x_proj output.
 #[derive(Default)]
 struct PreScan {
-    xz: Vec<f32>,
-    x_conv: Vec<f32>,
+    xz: HostF32,
+    x_conv: HostF32,
     delta: Vec<f32>,
-    dbc: Vec<f32>,
+    dbc: HostF32,
 }
 
 impl PreScan {
     /// Appends rows `rows` of `self` to `out`: the one gather of kept tokens on the host.
-    fn append_rows(&self, rows: impl IntoIterator<Item = usize>, out: &mut PreScan, m: &Mixer) {
+    fn append_rows(
+        &self,
+        rows: impl IntoIterator<Item = usize>,
+        out: &mut PreScan,
+        m: &Mixer,
+    ) -> Result<()> {
         let (di, bc_width) = (m.d_inner, m.dt_rank + 2 * m.d_state);
+        let (x_conv, dbc, xz) = (self.x_conv.view()?, self.dbc.view()?, self.xz.view()?);
         for i in rows {
             out.x_conv
-                .extend_from_slice(&self.x_conv[i * di..(i + 1) * di]);
+                .extend_from_slice(&x_conv[i * di..(i + 1) * di])?;
             out.delta
                 .extend_from_slice(&self.delta[i * di..(i + 1) * di]);
             out.dbc
-                .extend_from_slice(&self.dbc[i * bc_width..(i + 1) * bc_width]);
+                .extend_from_slice(&dbc[i * bc_width..(i + 1) * bc_width])?;
             out.xz
-                .extend_from_slice(&self.xz[i * 2 * di..(i + 1) * 2 * di]);
+                .extend_from_slice(&xz[i * 2 * di..(i + 1) * 2 * di])?;
         }
+        Ok(())
     }
 }
 
@@ -787,7 +795,7 @@ impl Mixer {
         self.observe(watch, plan, &pre, (batch, len), kept.as_deref())?;
         if let Some(idx) = &kept {
             let mut gathered = PreScan::default();
-            pre.append_rows(idx.iter().copied(), &mut gathered, self);
+            pre.append_rows(idx.iter().copied(), &mut gathered, self)?;
             pre = gathered;
         }
         let scan_len = kept.as_ref().map_or(len, |k| k.len() / batch);
@@ -809,6 +817,7 @@ impl Mixer {
             return Ok(());
         };
         let (n, r) = (self.d_state, self.dt_rank);
+        let (x_conv, dbc) = (pre.x_conv.view()?, pre.dbc.view()?);
         observer.on_scan(&ScanView {
             layer: watch.layer,
             batch,
@@ -817,8 +826,8 @@ impl Mixer {
             d_state: n,
             a: &self.a_under(plan),
             delta: &pre.delta,
-            x: &pre.x_conv,
-            bc: &pre.dbc,
+            x: &x_conv,
+            bc: &dbc,
             bc_row_stride: r + 2 * n,
             b_offset: r,
             c_offset: r + n,
@@ -841,19 +850,20 @@ impl Mixer {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let bc_width = r + 2 * n;
         let a = self.a_under(plan);
+        let (x_conv, dbc, xz) = (pre.x_conv.view()?, pre.dbc.view()?, pre.xz.view()?);
         let inputs = ScanInputs {
             batch,
             len: scan_len,
             d_inner: di,
             d_state: n,
-            x: &pre.x_conv,
+            x: &x_conv,
             delta: &pre.delta,
-            bc: &pre.dbc,
+            bc: &dbc,
             bc_batch_stride: scan_len * bc_width,
             bc_row_stride: bc_width,
             b_offset: r,
             c_offset: r + n,
-            z: &pre.xz[di..],
+            z: &xz[di..],
             z_batch_stride: scan_len * 2 * di,
             z_row_stride: 2 * di,
             a: &a,
@@ -875,11 +885,12 @@ impl Mixer {
         let (batch, len, d_model) = h.dims3()?;
         let (di, r) = (self.d_inner, self.dt_rank);
         let xz = self.in_proj.forward(&h.reshape((batch * len, d_model))?)?;
-        let xz = to_vec_f32(&xz)?;
+        let xz = HostF32::of(xz)?;
+        let xz_rows = xz.view()?;
         // Causal conv + SiLU over the full sequence (a token selection comes after it).
         let x_conv = kernels::causal_conv_silu(
             ConvInput {
-                data: &xz,
+                data: &xz_rows,
                 batch_stride: len * 2 * di,
                 row_stride: 2 * di,
             },
@@ -889,10 +900,20 @@ impl Mixer {
             batch,
             len,
         );
-        self.update_conv_window(&xz, batch, len, conv_state);
-        // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias).
-        let x_conv_t =
-            Tensor::from_slice(&x_conv, (batch * len, di), h.device())?.to_dtype(h.dtype())?;
+        self.update_conv_window(&xz_rows, batch, len, conv_state);
+        drop(xz_rows);
+        // x_proj → (dt, B, C); Δ = softplus(dt_proj(dt) + bias). An f32 model's x_proj
+        // reads the conv output in place (moved into the tensor, not copied).
+        let (x_conv_t, x_conv) = match h.dtype() {
+            DType::F32 => {
+                let t = Tensor::from_vec(x_conv, (batch * len, di), h.device())?;
+                (t.clone(), HostF32::of(t)?)
+            }
+            dtype => (
+                Tensor::from_slice(&x_conv, (batch * len, di), h.device())?.to_dtype(dtype)?,
+                HostF32::Owned(x_conv),
+            ),
+        };
         let dbc = self.x_proj.forward(&x_conv_t)?;
         let dt = linear(&dbc.narrow(1, 0, r)?.contiguous()?, &self.dt_proj_weight)?;
         let mut delta = to_vec_f32(&dt)?;
@@ -902,7 +923,7 @@ impl Mixer {
             xz,
             x_conv,
             delta,
-            dbc: to_vec_f32(&dbc)?,
+            dbc: HostF32::of(dbc)?,
         })
     }
 
@@ -951,7 +972,7 @@ impl Mixer {
                 kept[first..next].iter().map(|&i| i - start),
                 &mut gathered,
                 self,
-            );
+            )?;
         }
         let like = like.context("a selecting layer needs a non-empty input")?;
         let out = self.scan_and_project(&gathered, 1, kept.len(), ssm_state, &like, plan)?;

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod gpu_plan;
+mod host_f32;
 pub mod kernels;
 pub mod mamba;
 
