@@ -124,8 +124,8 @@ fn bf16_stays_close_to_f32() {
     assert!(d > 0.0, "bf16 run should differ from f32 at all");
 }
 
-/// bf16 decode steps (the CPU's streaming bf16 matvec) continue a bf16 prefill as the bf16
-/// full forward (GEMMs) does, within bf16 rounding, for a tied and an untied checkpoint
+/// bf16 and f16 decode steps (the CPU's streaming matvecs) continue a prefill as the
+/// full forward (GEMMs) does, within 16-bit rounding, for a tied and an untied checkpoint
 /// with biases and a residual kept in bf16.
 #[test]
 fn bf16_decode_steps_match_the_bf16_full_forward() {

@@ -484,6 +484,13 @@ impl MatvecWeight for half::bf16 {
     }
 }
 
+impl MatvecWeight for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 #[inline(always)]
 fn matvec_rows<W: MatvecWeight>(
     x: &[f32],
@@ -533,6 +540,107 @@ simd_variants!(matvec_rows, matvec_rows_avx512, matvec_rows_avx2,
 simd_variants!(matvec_rows, matvec_rows_bf16_avx512, matvec_rows_bf16_avx2,
     (x: &[f32], w: &[half::bf16], k: usize, n0: usize, out: &mut [f32], n_total: usize) -> ());
 
+/// [`matvec_rows`] for f16 weights with the hardware conversion (`vcvtph2ps`: AVX-512F,
+/// or F16C with AVX2), which the compiler does not emit for `half`'s conversion. Sums in
+/// the generic code's order (MATVEC_LANES lanes, products rounded before each add, the
+/// same halving tree, then the tail), so every path gives the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn matvec_rows_f16_avx512(
+    x: &[f32],
+    w: &[half::f16],
+    k: usize,
+    n0: usize,
+    out: &mut [f32],
+    _n_total: usize,
+) {
+    use std::arch::x86_64::*;
+    const V: usize = MATVEC_LANES / 16;
+    let m = x.len() / k;
+    let block = out.len() / m;
+    let chunks = k / MATVEC_LANES;
+    for r in 0..block {
+        let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut acc = [_mm512_setzero_ps(); V];
+            for c in 0..chunks {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let off = c * MATVEC_LANES + q * 16;
+                    // SAFETY: off + 16 <= chunks · MATVEC_LANES <= k, inside both rows.
+                    let wv =
+                        _mm512_cvtph_ps(_mm256_loadu_si256(wr.as_ptr().add(off) as *const __m256i));
+                    let xv = _mm512_loadu_ps(xr.as_ptr().add(off));
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wv));
+                }
+            }
+            let mut lanes = [0f32; MATVEC_LANES];
+            for (q, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(q * 16), *a);
+            }
+            out[i * block + r] = finish_lanes(&mut lanes, xr, wr, chunks * MATVEC_LANES);
+        }
+    }
+}
+
+/// As [`matvec_rows_f16_avx512`] with 8-lane AVX2 registers and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matvec_rows_f16_avx2(
+    x: &[f32],
+    w: &[half::f16],
+    k: usize,
+    n0: usize,
+    out: &mut [f32],
+    _n_total: usize,
+) {
+    use std::arch::x86_64::*;
+    const V: usize = MATVEC_LANES / 8;
+    let m = x.len() / k;
+    let block = out.len() / m;
+    let chunks = k / MATVEC_LANES;
+    for r in 0..block {
+        let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut acc = [_mm256_setzero_ps(); V];
+            for c in 0..chunks {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let off = c * MATVEC_LANES + q * 8;
+                    // SAFETY: off + 8 <= chunks · MATVEC_LANES <= k, inside both rows.
+                    let wv =
+                        _mm256_cvtph_ps(_mm_loadu_si128(wr.as_ptr().add(off) as *const __m128i));
+                    let xv = _mm256_loadu_ps(xr.as_ptr().add(off));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(xv, wv));
+                }
+            }
+            let mut lanes = [0f32; MATVEC_LANES];
+            for (q, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(q * 8), *a);
+            }
+            out[i * block + r] = finish_lanes(&mut lanes, xr, wr, chunks * MATVEC_LANES);
+        }
+    }
+}
+
+/// The end of one f16 dot product, as in [`matvec_rows`]: the tail from `tail` on, the
+/// lanes summed by halving, then the two added.
+#[inline(always)]
+fn finish_lanes(lanes: &mut [f32; MATVEC_LANES], xr: &[f32], wr: &[half::f16], tail: usize) -> f32 {
+    let mut sum = 0f32;
+    for j in tail..xr.len() {
+        sum += xr[j] * wr[j].widen();
+    }
+    let mut half = MATVEC_LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            lanes[l] += lanes[l + half];
+        }
+        half /= 2;
+    }
+    lanes[0] + sum
+}
+
 /// [`matvec_rows`] compiled for the CPU at hand, per weight type.
 trait MatvecDispatch: MatvecWeight {
     fn rows_dispatch(x: &[f32], w: &[Self], k: usize, n0: usize, out: &mut [f32], n: usize);
@@ -560,8 +668,26 @@ impl MatvecDispatch for half::bf16 {
     }
 }
 
-/// `x Wᵀ` for a few rows of x (`[m, k]`) and a row-major weight `[n, k]` (f32, or bf16
-/// widened as it streams): the decode-time product, bound by streaming W from memory once,
+impl MatvecDispatch for half::f16 {
+    fn rows_dispatch(x: &[f32], w: &[Self], k: usize, n0: usize, out: &mut [f32], n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx2") && has!("fma") && has!("f16c") {
+                // SAFETY: the CPU supports the features the function was compiled for.
+                return unsafe { matvec_rows_f16_avx512(x, w, k, n0, out, n) };
+            }
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                // SAFETY: as above.
+                return unsafe { matvec_rows_f16_avx2(x, w, k, n0, out, n) };
+            }
+        }
+        matvec_rows(x, w, k, n0, out, n)
+    }
+}
+
+/// `x Wᵀ` for a few rows of x (`[m, k]`) and a row-major weight `[n, k]` (f32, or bf16 or
+/// f16 widened as it streams): the decode-time product, bound by streaming W from memory once,
 /// so it runs over contiguous weight rows in parallel blocks instead of through a general
 /// GEMM. Accumulates in f32. Returns `[m, n]`.
 #[allow(private_bounds)]
@@ -622,6 +748,37 @@ mod tests {
                     .map(|c| x[i * k + c] as f64 * w[j * k + c].to_f64())
                     .sum();
                 assert!((y[i * n + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_matvec_matches_the_generic_code_bit_for_bit() {
+        // k = 200: three 64-lane chunks and a tail; subnormal and large f16 values too.
+        let (m, n, k) = (3, 70, 200);
+        let x = pseudo(25, m * k, -1.0, 1.0);
+        let mut wf = pseudo(26, n * k, -2.0, 2.0);
+        for (i, v) in wf.iter_mut().enumerate().step_by(17) {
+            *v = if i % 2 == 0 { 3e-6 } else { -6.0e4 };
+        }
+        let w: Vec<half::f16> = wf.into_iter().map(half::f16::from_f32).collect();
+        let y = matvec(&x, &w, k);
+        let mut generic = vec![0f32; m * n];
+        let mut block = vec![0f32; m * n];
+        matvec_rows(&x, &w, k, 0, &mut block, n);
+        for i in 0..m {
+            generic[i * n..(i + 1) * n].copy_from_slice(&block[i * n..(i + 1) * n]);
+        }
+        assert_eq!(
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            generic.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c].to_f64())
+                    .sum();
+                assert!((y[i * n + j] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
             }
         }
     }

@@ -65,11 +65,12 @@ impl Module for Projection {
 const MATVEC_MAX_ROWS: usize = 4;
 
 /// `x Wᵀ` for `x` `[rows, in]` and `w` `[out, in]`: a GEMM for prefill, a weight-streaming
-/// matvec for the few rows of a decode step on the CPU in f32 or bf16 (candle's bf16 GEMM
-/// is several times slower there). The bf16 product is rounded to bf16, as the GEMM's is.
+/// matvec for the few rows of a decode step on the CPU in f32, bf16 or f16 (candle's
+/// 16-bit GEMMs are several times slower there). A 16-bit product is rounded to its
+/// dtype, as the GEMM's is.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
-    let same = x.dtype() == w.dtype() && matches!(w.dtype(), DType::F32 | DType::BF16);
+    let same = x.dtype() == w.dtype() && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
     if rows <= MATVEC_MAX_ROWS && x.device().is_cpu() && same && w.is_contiguous() {
         let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (storage, layout) = w.storage_and_layout();
@@ -77,6 +78,7 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
             let span = layout.start_offset()..layout.start_offset() + w.elem_count();
             let y = match w.dtype() {
                 DType::BF16 => kernels::matvec(&xv, &cpu.as_slice::<half::bf16>()?[span], k),
+                DType::F16 => kernels::matvec(&xv, &cpu.as_slice::<half::f16>()?[span], k),
                 _ => kernels::matvec(&xv, &cpu.as_slice::<f32>()?[span], k),
             };
             let n = w.dim(0)?;
