@@ -314,6 +314,11 @@ const SCAN_PREFETCH_TOKENS: usize = 8;
 /// architectures).
 #[inline(always)]
 fn prefetch_row(row: &[f32]) {
+    prefetch_slice(row)
+}
+
+#[inline(always)]
+fn prefetch_slice<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -461,6 +466,10 @@ pub fn selective_scan(inp: &ScanInputs, state: &mut [f32]) -> Vec<f32> {
 /// Output rows per matvec task.
 const MATVEC_BLOCK: usize = 64;
 
+/// Weight elements ahead of the matvec that it prefetches (the hardware prefetchers stop
+/// at 4 KiB page boundaries).
+const MATVEC_PREFETCH_ELEMS: usize = 1024;
+
 /// Accumulator lanes of one matvec dot product: four AVX-512 (eight AVX2) registers.
 const MATVEC_LANES: usize = 64;
 
@@ -510,10 +519,16 @@ fn matvec_rows<W: MatvecWeight>(
             // MATVEC_LANES independent lanes, summed at the end: vectorises without
             // reassociation, and four vector accumulators hide the FMA latency.
             let mut lanes = [0f32; MATVEC_LANES];
-            for (xc, wc) in xr
+            let row0 = (n0 + r) * k;
+            for (c, (xc, wc)) in xr
                 .chunks_exact(MATVEC_LANES)
                 .zip(wr.chunks_exact(MATVEC_LANES))
+                .enumerate()
             {
+                let ahead = row0 + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
+                if i == 0 && ahead + MATVEC_LANES <= w.len() {
+                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                }
                 for l in 0..MATVEC_LANES {
                     lanes[l] += xc[l] * wc[l].widen();
                 }
@@ -565,6 +580,10 @@ unsafe fn matvec_rows_f16_avx512(
             let xr = &x[i * k..(i + 1) * k];
             let mut acc = [_mm512_setzero_ps(); V];
             for c in 0..chunks {
+                let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
+                if i == 0 && ahead + MATVEC_LANES <= w.len() {
+                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                }
                 for (q, a) in acc.iter_mut().enumerate() {
                     let off = c * MATVEC_LANES + q * 16;
                     // SAFETY: off + 16 <= chunks · MATVEC_LANES <= k, inside both rows.
@@ -605,6 +624,10 @@ unsafe fn matvec_rows_f16_avx2(
             let xr = &x[i * k..(i + 1) * k];
             let mut acc = [_mm256_setzero_ps(); V];
             for c in 0..chunks {
+                let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
+                if i == 0 && ahead + MATVEC_LANES <= w.len() {
+                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                }
                 for (q, a) in acc.iter_mut().enumerate() {
                     let off = c * MATVEC_LANES + q * 8;
                     // SAFETY: off + 8 <= chunks · MATVEC_LANES <= k, inside both rows.
