@@ -313,12 +313,7 @@ const SCAN_PREFETCH_TOKENS: usize = 8;
 /// Asks for the cache lines of `row` (a hint: no effect on results; nothing on other
 /// architectures).
 #[inline(always)]
-fn prefetch_row(row: &[f32]) {
-    prefetch_slice(row)
-}
-
-#[inline(always)]
-fn prefetch_slice<T>(row: &[T]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -362,16 +357,16 @@ fn scan_block(inp: &ScanInputs, b: usize, d0: usize, nd: usize, state: &mut [f32
         let ahead = t + SCAN_PREFETCH_TOKENS;
         if ahead < inp.len {
             let row = (b * inp.len + ahead) * di + d0;
-            prefetch_row(&inp.delta[row..row + nd]);
-            prefetch_row(&inp.x[row..row + nd]);
+            prefetch(&inp.delta[row..row + nd]);
+            prefetch(&inp.x[row..row + nd]);
             let z_row = b * inp.z_batch_stride + ahead * inp.z_row_stride + d0;
-            prefetch_row(&inp.z[z_row..z_row + nd]);
+            prefetch(&inp.z[z_row..z_row + nd]);
             let bc_row = b * inp.bc_batch_stride + ahead * inp.bc_row_stride;
             let (lo, hi) = (
                 inp.b_offset.min(inp.c_offset),
                 inp.b_offset.max(inp.c_offset),
             );
-            prefetch_row(&inp.bc[bc_row + lo..bc_row + hi + n]);
+            prefetch(&inp.bc[bc_row + lo..bc_row + hi + n]);
         }
         let row = (b * inp.len + t) * di + d0;
         let dt = &inp.delta[row..row + nd];
@@ -527,7 +522,7 @@ fn matvec_rows<W: MatvecWeight>(
             {
                 let ahead = row0 + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
                 if i == 0 && ahead + MATVEC_LANES <= w.len() {
-                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                    prefetch(&w[ahead..ahead + MATVEC_LANES]);
                 }
                 for l in 0..MATVEC_LANES {
                     lanes[l] += xc[l] * wc[l].widen();
@@ -582,7 +577,7 @@ unsafe fn matvec_rows_f16_avx512(
             for c in 0..chunks {
                 let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
                 if i == 0 && ahead + MATVEC_LANES <= w.len() {
-                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                    prefetch(&w[ahead..ahead + MATVEC_LANES]);
                 }
                 for (q, a) in acc.iter_mut().enumerate() {
                     let off = c * MATVEC_LANES + q * 16;
@@ -626,7 +621,7 @@ unsafe fn matvec_rows_f16_avx2(
             for c in 0..chunks {
                 let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
                 if i == 0 && ahead + MATVEC_LANES <= w.len() {
-                    prefetch_slice(&w[ahead..ahead + MATVEC_LANES]);
+                    prefetch(&w[ahead..ahead + MATVEC_LANES]);
                 }
                 for (q, a) in acc.iter_mut().enumerate() {
                     let off = c * MATVEC_LANES + q * 8;
