@@ -7,6 +7,11 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use std::ops::Deref;
 
+/// The elements of `t` copied out as f32 (any dtype, layout or device).
+pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 #[derive(Debug)]
 pub(crate) enum HostF32 {
     Owned(Vec<f32>),
@@ -27,9 +32,7 @@ impl HostF32 {
         if t.dtype() == DType::F32 && t.is_contiguous() && matches!(t.device(), Device::Cpu) {
             return Ok(Self::Borrowed(t));
         }
-        Ok(Self::Owned(
-            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-        ))
+        Ok(Self::Owned(to_vec_f32(&t)?))
     }
 
     /// The elements, readable while the view lives.

@@ -353,6 +353,10 @@ fn scan_block(inp: &ScanInputs, b: usize, d0: usize, nd: usize, state: &mut [f32
     let mut acc = vec![0f32; nd];
     let mut dtx = vec![0f32; nd];
     let d_skip = &inp.d_skip[d0..d0 + nd];
+    let (bc_lo, bc_hi) = (
+        inp.b_offset.min(inp.c_offset),
+        inp.b_offset.max(inp.c_offset) + n,
+    );
     for t in 0..inp.len {
         let ahead = t + SCAN_PREFETCH_TOKENS;
         if ahead < inp.len {
@@ -362,11 +366,7 @@ fn scan_block(inp: &ScanInputs, b: usize, d0: usize, nd: usize, state: &mut [f32
             let z_row = b * inp.z_batch_stride + ahead * inp.z_row_stride + d0;
             prefetch(&inp.z[z_row..z_row + nd]);
             let bc_row = b * inp.bc_batch_stride + ahead * inp.bc_row_stride;
-            let (lo, hi) = (
-                inp.b_offset.min(inp.c_offset),
-                inp.b_offset.max(inp.c_offset),
-            );
-            prefetch(&inp.bc[bc_row + lo..bc_row + hi + n]);
+            prefetch(&inp.bc[bc_row + bc_lo..bc_row + bc_hi]);
         }
         let row = (b * inp.len + t) * di + d0;
         let dt = &inp.delta[row..row + nd];
@@ -550,96 +550,82 @@ simd_variants!(matvec_rows, matvec_rows_avx512, matvec_rows_avx2,
 simd_variants!(matvec_rows, matvec_rows_bf16_avx512, matvec_rows_bf16_avx2,
     (x: &[f32], w: &[half::bf16], k: usize, n0: usize, out: &mut [f32], n_total: usize) -> ());
 
-/// [`matvec_rows`] for f16 weights with the hardware conversion (`vcvtph2ps`: AVX-512F,
-/// or F16C with AVX2), which the compiler does not emit for `half`'s conversion. Sums in
-/// the generic code's order (MATVEC_LANES lanes, products rounded before each add, the
-/// same halving tree, then the tail), so every path gives the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn matvec_rows_f16_avx512(
-    x: &[f32],
-    w: &[half::f16],
-    k: usize,
-    n0: usize,
-    out: &mut [f32],
-    _n_total: usize,
-) {
-    use std::arch::x86_64::*;
-    const V: usize = MATVEC_LANES / 16;
-    let m = x.len() / k;
-    let block = out.len() / m;
-    let chunks = k / MATVEC_LANES;
-    for r in 0..block {
-        let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
-        for i in 0..m {
-            let xr = &x[i * k..(i + 1) * k];
-            let mut acc = [_mm512_setzero_ps(); V];
-            for c in 0..chunks {
-                let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
-                if i == 0 && ahead + MATVEC_LANES <= w.len() {
-                    prefetch(&w[ahead..ahead + MATVEC_LANES]);
-                }
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let off = c * MATVEC_LANES + q * 16;
-                    // SAFETY: off + 16 <= chunks · MATVEC_LANES <= k, inside both rows.
-                    let wv =
-                        _mm512_cvtph_ps(_mm256_loadu_si256(wr.as_ptr().add(off) as *const __m256i));
-                    let xv = _mm512_loadu_ps(xr.as_ptr().add(off));
-                    *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wv));
+/// [`matvec_rows`] for f16 weights with the hardware conversion (`vcvtph2ps`), which the
+/// compiler does not emit for `half`'s conversion: one function per vector width (`$w`
+/// lanes). Sums in the generic code's order (MATVEC_LANES lanes, products rounded before
+/// each add, the same halving tree, then the tail), so every path gives the same bits.
+macro_rules! f16_matvec_rows {
+    ($name:ident, $features:literal, $w:literal, $zero:ident, $cvt:ident, $load_h:ident,
+     $half_vec:ident, $load_x:ident, $add:ident, $mul:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            x: &[f32],
+            w: &[half::f16],
+            k: usize,
+            n0: usize,
+            out: &mut [f32],
+            _n_total: usize,
+        ) {
+            use std::arch::x86_64::*;
+            const V: usize = MATVEC_LANES / $w;
+            let m = x.len() / k;
+            let block = out.len() / m;
+            let chunks = k / MATVEC_LANES;
+            for r in 0..block {
+                let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
+                for i in 0..m {
+                    let xr = &x[i * k..(i + 1) * k];
+                    let mut acc = [$zero(); V];
+                    for c in 0..chunks {
+                        let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
+                        if i == 0 && ahead + MATVEC_LANES <= w.len() {
+                            prefetch(&w[ahead..ahead + MATVEC_LANES]);
+                        }
+                        for (q, a) in acc.iter_mut().enumerate() {
+                            let off = c * MATVEC_LANES + q * $w;
+                            // SAFETY: off + $w <= chunks · MATVEC_LANES <= k: inside both rows.
+                            let wv = $cvt($load_h(wr.as_ptr().add(off) as *const $half_vec));
+                            let xv = $load_x(xr.as_ptr().add(off));
+                            *a = $add(*a, $mul(xv, wv));
+                        }
+                    }
+                    let mut lanes = [0f32; MATVEC_LANES];
+                    for (q, a) in acc.iter().enumerate() {
+                        $store(lanes.as_mut_ptr().add(q * $w), *a);
+                    }
+                    out[i * block + r] = finish_lanes(&mut lanes, xr, wr, chunks * MATVEC_LANES);
                 }
             }
-            let mut lanes = [0f32; MATVEC_LANES];
-            for (q, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(q * 16), *a);
-            }
-            out[i * block + r] = finish_lanes(&mut lanes, xr, wr, chunks * MATVEC_LANES);
         }
-    }
+    };
 }
-
-/// As [`matvec_rows_f16_avx512`] with 8-lane AVX2 registers and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_rows_f16_avx2(
-    x: &[f32],
-    w: &[half::f16],
-    k: usize,
-    n0: usize,
-    out: &mut [f32],
-    _n_total: usize,
-) {
-    use std::arch::x86_64::*;
-    const V: usize = MATVEC_LANES / 8;
-    let m = x.len() / k;
-    let block = out.len() / m;
-    let chunks = k / MATVEC_LANES;
-    for r in 0..block {
-        let wr = &w[(n0 + r) * k..(n0 + r + 1) * k];
-        for i in 0..m {
-            let xr = &x[i * k..(i + 1) * k];
-            let mut acc = [_mm256_setzero_ps(); V];
-            for c in 0..chunks {
-                let ahead = (n0 + r) * k + c * MATVEC_LANES + MATVEC_PREFETCH_ELEMS;
-                if i == 0 && ahead + MATVEC_LANES <= w.len() {
-                    prefetch(&w[ahead..ahead + MATVEC_LANES]);
-                }
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let off = c * MATVEC_LANES + q * 8;
-                    // SAFETY: off + 8 <= chunks · MATVEC_LANES <= k, inside both rows.
-                    let wv =
-                        _mm256_cvtph_ps(_mm_loadu_si128(wr.as_ptr().add(off) as *const __m128i));
-                    let xv = _mm256_loadu_ps(xr.as_ptr().add(off));
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(xv, wv));
-                }
-            }
-            let mut lanes = [0f32; MATVEC_LANES];
-            for (q, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(q * 8), *a);
-            }
-            out[i * block + r] = finish_lanes(&mut lanes, xr, wr, chunks * MATVEC_LANES);
-        }
-    }
-}
+f16_matvec_rows!(
+    matvec_rows_f16_avx512,
+    "avx512f,avx2,fma,f16c",
+    16,
+    _mm512_setzero_ps,
+    _mm512_cvtph_ps,
+    _mm256_loadu_si256,
+    __m256i,
+    _mm512_loadu_ps,
+    _mm512_add_ps,
+    _mm512_mul_ps,
+    _mm512_storeu_ps
+);
+f16_matvec_rows!(
+    matvec_rows_f16_avx2,
+    "avx2,fma,f16c",
+    8,
+    _mm256_setzero_ps,
+    _mm256_cvtph_ps,
+    _mm_loadu_si128,
+    __m128i,
+    _mm256_loadu_ps,
+    _mm256_add_ps,
+    _mm256_mul_ps,
+    _mm256_storeu_ps
+);
 
 /// The end of one f16 dot product, as in [`matvec_rows`]: the tail from `tail` on, the
 /// lanes summed by halving, then the two added.
@@ -787,10 +773,19 @@ mod tests {
         for i in 0..m {
             generic[i * n..(i + 1) * n].copy_from_slice(&block[i * n..(i + 1) * n]);
         }
-        assert_eq!(
-            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            generic.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y), bits(&generic));
+        // The AVX2 + F16C kernel too, where this CPU has it (`matvec` picks AVX-512 first).
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                let mut avx2 = vec![0f32; m * n];
+                // SAFETY: the CPU has the features the kernel was compiled for.
+                unsafe { matvec_rows_f16_avx2(&x, &w, k, 0, &mut avx2, n) };
+                assert_eq!(bits(&avx2), bits(&generic));
+            }
+        }
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k)

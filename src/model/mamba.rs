@@ -9,7 +9,7 @@
 
 use super::backend::{Backend, BackendChoice};
 use super::config::MambaConfig;
-use super::host_f32::HostF32;
+use super::host_f32::{to_vec_f32, HostF32};
 use super::kernels::{self, ConvInput, ScanInputs};
 #[path = "candle_ops.rs"]
 mod candle_ops;
@@ -394,10 +394,6 @@ struct Mixer {
     /// The constants as tensors for the Candle-ops backend: present exactly when the
     /// model runs it.
     ops: Option<candle_ops::OpsParams>,
-}
-
-fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The mixer's activations before the scan, token-major f32: in_proj output `xz`
