@@ -320,19 +320,34 @@ fn mib(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |m| format!("{m:.0}"))
 }
 
-/// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1).
+/// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1), each
+/// with the share of its time the roofline accounts for and the roof that sets it.
 fn print_gpu_profile(what: &str) {
     let table = crate::model::take_gpu_profile();
     if table.is_empty() {
         return;
     }
-    let total: f64 = table.iter().map(|e| e.1).sum();
+    let total: f64 = table.iter().map(|e| e.secs).sum();
     eprintln!("GPU stages, {what} (all repeats, synchronised after each stage):");
-    for (name, secs, calls) in table {
+    eprintln!(
+        "  {:<16} {:>9}  {:>6}  {:>6}  {:>8}  {:>8}  {:>9}",
+        "stage", "ms", "share", "calls", "GB/s", "TFLOP/s", "roofline"
+    );
+    for s in table {
+        let flops = s.work.tensor_flops + s.work.fp32_flops;
+        let roof = s.roofline.map_or_else(
+            || "-".to_string(),
+            |(t, bound)| format!("{:.0}% {bound}", 100.0 * t / s.secs),
+        );
         eprintln!(
-            "  {name:<16} {:>9.2} ms  {:>5.1}%  {calls} calls",
-            secs * 1e3,
-            100.0 * secs / total
+            "  {:<16} {:>9.2}  {:>5.1}%  {:>6}  {:>8.0}  {:>8.1}  {:>9}",
+            s.name,
+            s.secs * 1e3,
+            100.0 * s.secs / total,
+            s.calls,
+            s.work.bytes / s.secs / 1e9,
+            flops / s.secs / 1e12,
+            roof
         );
     }
 }

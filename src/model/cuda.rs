@@ -21,13 +21,16 @@
 //! contiguous; row strides inside wider rows (z inside xz, B and C inside x_proj's output)
 //! are passed explicitly.
 
-use super::super::gpu_plan::{conv_tile, decode_fits, scan_chunks, vec_ok, MAX_DECODE_BATCH};
+use super::super::gpu_plan::{
+    conv_tile, decode_blocks, decode_fits, decode_split, scan_chunks, scan_chunks_for, vec_ok,
+    Work, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
+};
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::op::BackpropOp;
@@ -117,7 +120,13 @@ fn ptx_for(key: PtxKey) -> Result<&'static str> {
         options,
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(SOURCE, opts)
+    // For kernel experiments on a GPU machine without rebuilding: another source file.
+    let source = match std::env::var_os("DECIMAMBA_CUDA_SOURCE") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| anyhow!("DECIMAMBA_CUDA_SOURCE {}: {e}", path.to_string_lossy()))?,
+        None => SOURCE.to_string(),
+    };
+    let ptx = compile_ptx_with_opts(source, opts)
         .map_err(|e| anyhow!("NVRTC could not compile the mixer kernels: {e:?}"))?;
     // A handful of variants per process at most: leaking is fine.
     let src: &'static str = Box::leak(ptx.to_src().into_boxed_str());
@@ -244,6 +253,78 @@ macro_rules! launch {
         // the kernel it names in cuda.kernels.cu, device addresses of live tensors sized
         // for the dimensions passed alongside them.
         unsafe { b.launch($cfg) }?;
+    }};
+}
+
+/// Whether the decode step launches its kernels with programmatic dependent launch
+/// (sm_90+; `DECIMAMBA_CUDA_PDL=0` turns it off): each may start, and issue its first
+/// weight loads, while the one before it finishes (the kernels' `griddep_wait`).
+fn pdl_enabled(dev: &CudaDevice) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let cc = dev.cuda_stream().context().compute_capability();
+        std::env::var("DECIMAMBA_CUDA_PDL").map_or(true, |v| v != "0")
+            && cc.is_ok_and(|(major, _)| major >= 9)
+    })
+}
+
+/// Launches `func` on the device's stream allowing it to overlap the kernel before it
+/// (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION).
+///
+/// # Safety
+/// As a kernel launch: `params` point at the kernel's arguments, in order and of its
+/// parameter types, alive until the call returns; and the kernel calls `griddep_wait`
+/// before it reads anything the kernels before it write.
+unsafe fn launch_dependent(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: a zeroed attribute is a valid value of the plain C struct; its id and the
+    // union member for that id are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: dev.cuda_stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: the caller's contract; config and attr outlive the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
+/// A decode kernel's launch: dependent (may overlap its predecessor) when `$pdl`.
+macro_rules! launch_step {
+    ($dev:expr, $pdl:expr, $func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let func = $func;
+        if $pdl {
+            let mut params: Vec<*mut std::ffi::c_void> =
+                vec![$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
+            // SAFETY: as `launch!`; every decode kernel waits (griddep_wait) before it
+            // reads what earlier kernels of the step write.
+            unsafe { launch_dependent($dev, &func, $cfg, &mut params) }?;
+        } else {
+            launch!(func, $cfg, $($arg),*);
+        }
     }};
 }
 
@@ -546,6 +627,35 @@ pub struct ScanArgs<'a> {
     pub h0: &'a Tensor,
 }
 
+/// What a pass of the scan over `tokens` steps of `d` channels and `n` states does (the
+/// output pass also reads C and z, gates, and writes y): per step and state an exp2, and a
+/// multiply, a multiply-add and a multiply (+ a multiply-add into y) on the f32 pipe; per
+/// step and channel the softplus (two SFU results, two more for the gate's SiLU).
+fn scan_work(tokens: f64, d: usize, n: usize, elem_bytes: usize, output: bool) -> Work {
+    let (d, n, eb) = (d as f64, n as f64, elem_bytes as f64);
+    let (flops, sfu, rows, cols) = match output {
+        false => (5.0, 2.0, 2.0, 1.0),
+        true => (7.0, 4.0, 4.0, 2.0),
+    };
+    Work {
+        tensor_flops: 0.0,
+        fp32_flops: flops * tokens * d * n,
+        exps: tokens * d * (n + sfu),
+        bytes: eb * tokens * (rows * d + cols * n),
+    }
+}
+
+/// `DECIMAMBA_SCAN_TARGET_THREADS`: the threads the scan's time chunks aim at, for tuning
+/// (default gpu_plan::SCAN_TARGET_THREADS).
+fn scan_target_threads() -> Option<usize> {
+    static TARGET: OnceLock<Option<usize>> = OnceLock::new();
+    *TARGET.get_or_init(|| {
+        std::env::var("DECIMAMBA_SCAN_TARGET_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// The selective scan with fused discretisation, softplus, the plan's Δ scale and
 /// filter, and gating. Returns the gated output `[batch·len, d_inner]` (model dtype) and
 /// the final state `[batch, d_inner, d_state]` (f32).
@@ -558,10 +668,14 @@ pub fn selective_scan(
     let (d, n) = plan.a.dims2()?;
     let (batch, len) = (s.batch, s.len);
     let et = p.dtype;
+    let eb = et.size_in_bytes();
 
     // Cut the time axis into chunks until the GPU is full (see the kernels' comment).
     let pairs = batch * d;
-    let (n_chunks, chunk_len) = scan_chunks(batch, d, len);
+    let (n_chunks, chunk_len) = match scan_target_threads() {
+        Some(target) => scan_chunks_for(batch, d, len, target),
+        None => scan_chunks(batch, d, len),
+    };
 
     let (bc_w, z_w) = (s.bc.dim(1)?, s.z.dim(1)?);
     let xp = dptr(s.x, et, "x")?;
@@ -618,6 +732,9 @@ pub fn selective_scan(
         let mut c = cfg;
         c.grid_dim.1 = (n_chunks - 1) as u32;
         scan_pass!("scan_chunk_summary", c, &sp, &tp);
+        let covered = (batch * (n_chunks - 1) * chunk_len) as f64;
+        let states = (n_chunks * pairs * n) as f64;
+        profile::lap_on(&dev, "scan: summaries", scan_work(covered, d, n, eb, false));
         launch!(
             kernel!(&dev, "scan_combine", p),
             grid_1d(pairs * n),
@@ -629,6 +746,12 @@ pub fn selective_scan(
             &d_,
             &nc_
         );
+        let combine = Work {
+            exps: states,
+            bytes: 4.0 * (2.0 * states + (n_chunks * pairs) as f64),
+            ..Work::default()
+        };
+        profile::lap_on(&dev, "scan: combine", combine);
         (
             Some((sums, dts)),
             sp,
@@ -638,6 +761,8 @@ pub fn selective_scan(
         )
     };
     scan_pass!("scan_output", cfg, &hin, &hin_c, &hin_g, &hin_n, &h1p, &yp);
+    let tokens = (batch * len) as f64;
+    profile::lap_on(&dev, "scan: output", scan_work(tokens, d, n, eb, true));
     drop(sums);
     Ok((y, h1))
 }
@@ -911,6 +1036,9 @@ fn enqueue_step(
     let (b_, rr) = (batch as i32, m.round_res as i32);
     let (dm_, di_, xw_, r_) = (d_model as i32, d_inner as i32, xw as i32, dt_rank as i32);
     let xz_rs = 2 * di_;
+    let eb = et.size_in_bytes();
+    // The step's first kernel follows the copy of the token ids: only the others overlap.
+    let pdl = pdl_enabled(&dev);
     let ep = dptr(m.embedding, et, "embedding")?;
     launch!(
         kernel!(&dev, "embed_rows", first.params),
@@ -956,42 +1084,20 @@ fn enqueue_step(
         );
         let n2 = 2 * di_;
         let eps = l.norm.eps;
-        let vin = vec_ok(d_model, iw, et.size_in_bytes()) as i32;
-        launch!(
-            &mv_norm,
-            matvec_cfg(2 * d_inner, batch, d_model),
-            &rp,
-            &nw,
-            &nb,
-            &eps,
-            &rr,
-            &iw,
-            &ib,
-            &xzp,
-            &b_,
-            &dm_,
-            &n2,
-            &vin,
-            &convp,
-            &cw,
-            &cb,
-            &xcp,
-            &di_
+        let vin = vec_ok(d_model, iw, eb) as i32;
+        let (in_cfg, in_split) = matvec_cfg(2 * d_inner, batch, d_model, eb);
+        launch_step!(
+            &dev, pdl, &mv_norm, in_cfg, &rp, &nw, &nb, &eps, &rr, &iw, &ib, &xzp, &b_, &dm_, &n2,
+            &vin, &convp, &cw, &cb, &xcp, &di_, &in_split
         );
-        let vx = vec_ok(d_inner, xpw, et.size_in_bytes()) as i32;
-        launch!(
-            &mv_plain,
-            matvec_cfg(xw, batch, d_inner),
-            &xcp,
-            &xpw,
-            &null,
-            &dbcp,
-            &b_,
-            &di_,
-            &xw_,
-            &vx
+        let vx = vec_ok(d_inner, xpw, eb) as i32;
+        let (x_cfg, x_split) = matvec_cfg(xw, batch, d_inner, eb);
+        launch_step!(
+            &dev, pdl, &mv_plain, x_cfg, &xcp, &xpw, &null, &dbcp, &b_, &di_, &xw_, &vx, &x_split
         );
-        launch!(
+        launch_step!(
+            &dev,
+            pdl,
             &scan_step,
             grid_warps(batch * d_inner),
             &xcp,
@@ -1009,29 +1115,23 @@ fn enqueue_step(
             &b_,
             &di_
         );
-        let vo = vec_ok(d_inner, ow, et.size_in_bytes()) as i32;
-        launch!(
-            &mv_res,
-            matvec_cfg(d_model, batch, d_inner),
-            &yp,
-            &rr,
-            &ow,
-            &ob,
-            &rp,
-            &b_,
-            &di_,
-            &dm_,
-            &vo
+        let vo = vec_ok(d_inner, ow, eb) as i32;
+        let (out_cfg, out_split) = matvec_cfg(d_model, batch, d_inner, eb);
+        launch_step!(
+            &dev, pdl, &mv_res, out_cfg, &yp, &rr, &ow, &ob, &rp, &b_, &di_, &dm_, &vo, &out_split
         );
     }
     let (nw, nb) = m.norm_f.ptrs(et)?;
     let hp = dptr(m.lm_head, et, "lm_head")?;
     let lp = b.logits;
     let (eps, v_) = (m.norm_f.eps, vocab as i32);
-    let vh = vec_ok(d_model, hp, et.size_in_bytes()) as i32;
-    launch!(
+    let vh = vec_ok(d_model, hp, eb) as i32;
+    let (head_cfg, head_split) = matvec_cfg(vocab, batch, d_model, eb);
+    launch_step!(
+        &dev,
+        pdl,
         kernel!(&dev, "matvec_norm_logits", first.params),
-        matvec_cfg(vocab, batch, d_model),
+        head_cfg,
         &rp,
         &nw,
         &nb,
@@ -1043,20 +1143,23 @@ fn enqueue_step(
         &b_,
         &dm_,
         &v_,
-        &vh
+        &vh,
+        &head_split
     );
     Ok(())
 }
 
-/// Launch shape of a decode matvec with `n` output rows: a warp per row, 8 per block, the
-/// `batch` input rows of `k` f32 in shared memory.
-fn matvec_cfg(n: usize, batch: usize, k: usize) -> LaunchConfig {
-    let warps = (ROW_BLOCK / 32) as usize;
-    LaunchConfig {
-        grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
-        block_dim: (ROW_BLOCK, 1, 1),
+/// Launch shape of a decode matvec with `n` output rows of `k` elements: `split` warps per
+/// row ([`decode_split`]), DECODE_BLOCK_WARPS per block, the `batch` input rows of `k` f32
+/// in shared memory. Returns the shape and the kernel's `split` argument.
+fn matvec_cfg(n: usize, batch: usize, k: usize, elem_bytes: usize) -> (LaunchConfig, i32) {
+    let split = decode_split(n, k, elem_bytes);
+    let cfg = LaunchConfig {
+        grid_dim: (decode_blocks(n, split) as u32, 1, 1),
+        block_dim: ((DECODE_BLOCK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: (batch * k * 4) as u32,
-    }
+    };
+    (cfg, split as i32)
 }
 
 /// Per-stage GPU time of prefills, for finding where the time goes: with
@@ -1064,11 +1167,24 @@ fn matvec_cfg(n: usize, batch: usize, k: usize) -> LaunchConfig {
 /// time is added to a process-wide table (`decimamba bench` prints it). Off, it costs one
 /// branch per stage. The synchronisations make the total slower than an unprofiled run.
 pub mod profile {
+    use crate::model::gpu_plan::{device_peaks, Peaks, StageTime, Work};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
     use candle_core::CudaDevice;
     use std::sync::{Mutex, OnceLock};
     use std::time::Instant;
 
-    static TABLE: Mutex<Vec<(&'static str, f64, u64)>> = Mutex::new(Vec::new());
+    /// The stages so far and when the last one ended: one clock for the process, so that
+    /// a kernel wrapper can split its caller's stage.
+    struct Table {
+        stages: Vec<StageTime>,
+        last: Option<Instant>,
+    }
+
+    static TABLE: Mutex<Table> = Mutex::new(Table {
+        stages: Vec::new(),
+        last: None,
+    });
+    static PEAKS: OnceLock<Option<Peaks>> = OnceLock::new();
 
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -1077,10 +1193,46 @@ pub mod profile {
         })
     }
 
-    /// A running stopwatch between stages on one device.
+    /// The device's peaks (gpu_plan::device_peaks), `DECIMAMBA_PEAK_TFLOPS` (tensor) and
+    /// `DECIMAMBA_PEAK_GBPS` replacing what they name; on an architecture the table lacks,
+    /// both are needed, and the f32 pipe and SFU are taken as sm_90's 1/16 and 1/256 of
+    /// the tensor rate.
+    fn peaks_of(dev: &CudaDevice) -> Option<Peaks> {
+        let ctx = dev.cuda_stream().context().clone();
+        let attr = |a| ctx.attribute(a).ok();
+        let table = (|| {
+            device_peaks(
+                ctx.compute_capability().ok()?,
+                attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+                attr(Attr::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?,
+                attr(Attr::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?,
+                attr(Attr::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?,
+            )
+        })();
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+        let (tflops, gbps) = (env("DECIMAMBA_PEAK_TFLOPS"), env("DECIMAMBA_PEAK_GBPS"));
+        let mut p = match (table, tflops, gbps) {
+            (Some(p), _, _) => p,
+            (None, Some(t), Some(g)) => Peaks {
+                tensor_flops: t * 1e12,
+                fp32_flops: t * 1e12 / 16.0,
+                exps: t * 1e12 / 256.0,
+                bytes: g * 1e9,
+            },
+            _ => return None,
+        };
+        if let Some(t) = tflops {
+            p.tensor_flops = t * 1e12;
+        }
+        if let Some(g) = gbps {
+            p.bytes = g * 1e9;
+        }
+        Some(p)
+    }
+
+    /// Stage timing on one device.
     pub struct Stages {
         dev: CudaDevice,
-        last: Instant,
     }
 
     /// Starts timing (after the work queued so far), or `None` when profiling is off or
@@ -1094,47 +1246,71 @@ pub mod profile {
         }
         use candle_core::backend::BackendDevice;
         dev.synchronize().ok()?;
-        Some(Stages {
-            dev: dev.clone(),
-            last: Instant::now(),
-        })
-    }
-
-    impl Stages {
-        /// Ends stage `name`: waits for its kernels and books the time since the last lap.
-        pub fn lap(&mut self, name: &'static str) {
-            use candle_core::backend::BackendDevice;
-            if self.dev.synchronize().is_err() {
-                return;
-            }
-            let now = Instant::now();
-            let dt = now.duration_since(self.last).as_secs_f64();
-            self.last = now;
-            if let Ok(mut t) = TABLE.lock() {
-                match t.iter_mut().find(|(n, _, _)| *n == name) {
-                    Some(e) => {
-                        e.1 += dt;
-                        e.2 += 1;
-                    }
-                    None => t.push((name, dt, 1)),
-                }
-            }
+        PEAKS.get_or_init(|| peaks_of(dev));
+        if let Ok(mut t) = TABLE.lock() {
+            t.last = Some(Instant::now());
         }
+        Some(Stages { dev: dev.clone() })
     }
 
     /// Ends a stage if profiling.
     pub fn lap(stages: &mut Option<Stages>, name: &'static str) {
+        lap_work(stages, name, Work::default());
+    }
+
+    /// Ends a stage that did `work`, if profiling.
+    pub fn lap_work(stages: &mut Option<Stages>, name: &'static str, work: Work) {
         if let Some(s) = stages {
-            s.lap(name);
+            lap_on(&s.dev, name, work);
         }
     }
 
-    /// The table so far (stage, total seconds, calls), and clears it.
-    pub fn take() -> Vec<(&'static str, f64, u64)> {
-        TABLE
+    /// Ends stage `name`, which did `work`, on `dev` if profiling (and a stage is
+    /// running): also for kernel wrappers that split the stage their caller is timing.
+    pub fn lap_on(dev: &CudaDevice, name: &'static str, work: Work) {
+        use candle_core::backend::BackendDevice;
+        if !enabled() || dev.synchronize().is_err() {
+            return;
+        }
+        let now = Instant::now();
+        let Ok(mut t) = TABLE.lock() else {
+            return;
+        };
+        let Some(last) = t.last.replace(now) else {
+            return;
+        };
+        let dt = now.duration_since(last).as_secs_f64();
+        match t.stages.iter_mut().find(|e| e.name == name) {
+            Some(e) => {
+                e.secs += dt;
+                e.calls += 1;
+                e.work = e.work + work;
+            }
+            None => t.stages.push(StageTime {
+                name,
+                secs: dt,
+                calls: 1,
+                work,
+                roofline: None,
+            }),
+        }
+    }
+
+    /// The table so far, each stage with its roofline time where the peaks are known,
+    /// and clears it.
+    pub fn take() -> Vec<StageTime> {
+        let peaks = PEAKS.get().copied().flatten();
+        let mut stages = TABLE
             .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default()
+            .map(|mut t| {
+                t.last = None;
+                std::mem::take(&mut t.stages)
+            })
+            .unwrap_or_default();
+        for s in &mut stages {
+            s.roofline = peaks.map(|p| s.work.roofline(&p)).filter(|r| r.0 > 0.0);
+        }
+        stages
     }
 }
 

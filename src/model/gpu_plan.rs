@@ -2,9 +2,11 @@
 //! step is cut into grids. Plain arithmetic, kept apart from the CUDA code so that CI,
 //! which has no GPU and does not build the `cuda` feature, tests it.
 
-/// Threads the scan aims to keep in flight (≈ 2 × 132 SMs × 2048 on an H200): the time
-/// axis is cut into chunks until batch × d_inner × chunks reaches this.
-pub const SCAN_TARGET_THREADS: usize = 1 << 19;
+/// Threads the scan aims to keep in flight (≈ 132 SMs × 2048 on an H100/H200): the time
+/// axis is cut into chunks until batch × d_inner × chunks reaches this. Twice as many
+/// (shorter) chunks measured 3.5% slower for 130m at 32K on an H100 (scripts/gpu-tune.sh):
+/// more of the sequence is scanned twice, and the combine's serial chain is longer.
+pub const SCAN_TARGET_THREADS: usize = 1 << 18;
 /// Shortest chunk worth the extra summary pass of the chunked scan.
 pub const SCAN_MIN_CHUNK: usize = 64;
 
@@ -23,8 +25,18 @@ pub const MAX_GRID_YZ: usize = 65_535;
 /// more chunks than needed to fill the GPU. One chunk means a single pass from the initial
 /// state.
 pub fn scan_chunks(batch: usize, d_inner: usize, len: usize) -> (usize, usize) {
+    scan_chunks_for(batch, d_inner, len, SCAN_TARGET_THREADS)
+}
+
+/// [`scan_chunks`] aiming at `target_threads` instead of [`SCAN_TARGET_THREADS`].
+pub fn scan_chunks_for(
+    batch: usize,
+    d_inner: usize,
+    len: usize,
+    target_threads: usize,
+) -> (usize, usize) {
     let pairs = (batch * d_inner).max(1);
-    let want = SCAN_TARGET_THREADS.div_ceil(pairs).max(1);
+    let want = target_threads.div_ceil(pairs).max(1);
     let n_chunks = want.min(len.div_ceil(SCAN_MIN_CHUNK)).clamp(1, MAX_GRID_YZ);
     let chunk_len = len.div_ceil(n_chunks).max(1);
     (len.div_ceil(chunk_len).max(1), chunk_len)
@@ -42,10 +54,156 @@ pub fn decode_fits(batch: usize, d_model: usize, d_inner: usize) -> bool {
     (1..=MAX_DECODE_BATCH).contains(&batch) && batch * d_model.max(d_inner) * 4 <= DECODE_SMEM_BYTES
 }
 
+/// Warps of a decode matvec block ([`DECODE_BLOCK_WARPS`] × 32 threads).
+pub const DECODE_BLOCK_WARPS: usize = 8;
+/// Warps a decode matvec aims to keep in flight: enough 16-byte loads outstanding to
+/// stream the weights at HBM bandwidth (≈ 132 SMs × 32 warps on an H100/H200).
+pub const DECODE_TARGET_WARPS: usize = 4096;
+/// Fewest bytes of a row one warp's share should hold: one 16-byte load per lane.
+pub const DECODE_MIN_SLICE_BYTES: usize = 32 * 16;
+
+/// How many warps share one output row of a decode matvec with `n` rows of `k` elements
+/// of `elem_bytes`: the smallest power of two up to [`DECODE_BLOCK_WARPS`] that puts
+/// [`DECODE_TARGET_WARPS`] warps to work, without cutting a row into slices of fewer than
+/// [`DECODE_MIN_SLICE_BYTES`]. The warps of a row sit in one block and add their partial
+/// sums in a fixed order, so the result does not depend on the split's timing. A few
+/// long rows (x_proj: 192 rows of 5,120 for 2.8b) need the split; one warp per row leaves
+/// most SMs idle and each warp waiting on one load at a time.
+pub fn decode_split(n: usize, k: usize, elem_bytes: usize) -> usize {
+    let mut split = 1;
+    while split < DECODE_BLOCK_WARPS
+        && n * split < DECODE_TARGET_WARPS
+        && (k * elem_bytes) / (2 * split) >= DECODE_MIN_SLICE_BYTES
+    {
+        split *= 2;
+    }
+    split
+}
+
+/// Blocks of a decode matvec with `n` rows, `split` warps per row.
+pub fn decode_blocks(n: usize, split: usize) -> usize {
+    let rows_per_block = (DECODE_BLOCK_WARPS / split.clamp(1, DECODE_BLOCK_WARPS)).max(1);
+    n.div_ceil(rows_per_block).max(1)
+}
+
 /// Whether rows of `k` elements of `elem_bytes` each, starting at device address `base`,
 /// can be read 16 bytes at a time.
 pub fn vec_ok(k: usize, base: u64, elem_bytes: usize) -> bool {
     (k * elem_bytes).is_multiple_of(16) && base.is_multiple_of(16)
+}
+
+/// Work a prefill stage does, for its fraction of the roofline (`DECIMAMBA_CUDA_PROFILE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Work {
+    /// FLOPs on the tensor cores (bf16/f16 GEMMs; an FMA counts two).
+    pub tensor_flops: f64,
+    /// FLOPs on the f32 pipe (f32 GEMMs, the scan's recurrence).
+    pub fp32_flops: f64,
+    /// Special-function evaluations (the scan's exp2).
+    pub exps: f64,
+    /// Bytes to and from device memory, each at least once.
+    pub bytes: f64,
+}
+
+impl Work {
+    /// `[m, k] · [k, n]` in elements of `elem_bytes` (2: tensor cores, 4: f32 pipe).
+    pub fn gemm(m: usize, n: usize, k: usize, elem_bytes: usize) -> Work {
+        let flops = 2.0 * m as f64 * n as f64 * k as f64;
+        let bytes = elem_bytes as f64 * (m * k + k * n + m * n) as f64;
+        match elem_bytes {
+            4 => Work {
+                fp32_flops: flops,
+                bytes,
+                ..Work::default()
+            },
+            _ => Work {
+                tensor_flops: flops,
+                bytes,
+                ..Work::default()
+            },
+        }
+    }
+
+    /// Only memory traffic.
+    pub fn bytes(bytes: f64) -> Work {
+        Work {
+            bytes,
+            ..Work::default()
+        }
+    }
+
+    /// The time the device needs at least, and the roof that sets it.
+    pub fn roofline(&self, peaks: &Peaks) -> (f64, &'static str) {
+        [
+            (self.tensor_flops / peaks.tensor_flops, "tensor"),
+            (self.fp32_flops / peaks.fp32_flops, "fp32"),
+            (self.exps / peaks.exps, "sfu"),
+            (self.bytes / peaks.bytes, "memory"),
+        ]
+        .into_iter()
+        .fold((0.0, "-"), |best, r| if r.0 > best.0 { r } else { best })
+    }
+}
+
+impl std::ops::Add for Work {
+    type Output = Work;
+
+    fn add(self, o: Work) -> Work {
+        Work {
+            tensor_flops: self.tensor_flops + o.tensor_flops,
+            fp32_flops: self.fp32_flops + o.fp32_flops,
+            exps: self.exps + o.exps,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
+/// A device's peak rates per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peaks {
+    pub tensor_flops: f64,
+    pub fp32_flops: f64,
+    pub exps: f64,
+    pub bytes: f64,
+}
+
+/// Peaks from the device's attributes: compute capability, SMs, boost clock (kHz), memory
+/// clock (kHz, double data rate) and bus width (bits). Per SM and clock, dense: sm_90
+/// (H100/H200) 4,096 bf16 tensor FLOPs, 256 f32 FLOPs, 16 SFU results (the CUDA C
+/// Programming Guide's throughput table; 132 SMs at 1.98 GHz give 1,070 TFLOP/s against
+/// NVIDIA's 989 at the 1.83 GHz its datasheet assumes); sm_80 2,048, 128, 16. Other
+/// architectures: `None`, unless `DECIMAMBA_PEAK_TFLOPS` and `DECIMAMBA_PEAK_GBPS` say.
+pub fn device_peaks(
+    cc: (i32, i32),
+    sms: i32,
+    clock_khz: i32,
+    mem_clock_khz: i32,
+    bus_bits: i32,
+) -> Option<Peaks> {
+    let per_sm = match cc {
+        (9, 0) => (4096.0, 256.0, 16.0),
+        (8, 0) => (2048.0, 128.0, 16.0),
+        _ => return None,
+    };
+    let clock = sms as f64 * clock_khz as f64 * 1e3;
+    Some(Peaks {
+        tensor_flops: per_sm.0 * clock,
+        fp32_flops: per_sm.1 * clock,
+        exps: per_sm.2 * clock,
+        bytes: 2.0 * mem_clock_khz as f64 * 1e3 * bus_bits as f64 / 8.0,
+    })
+}
+
+/// One profiled stage: total seconds over its calls, the roofline's share of that time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageTime {
+    pub name: &'static str,
+    pub secs: f64,
+    pub calls: u64,
+    pub work: Work,
+    /// Seconds the device needs at least for `work` and the roof that sets it (`None`
+    /// without peaks or work).
+    pub roofline: Option<(f64, &'static str)>,
 }
 
 #[cfg(test)]
@@ -73,10 +231,13 @@ mod tests {
                 }
             }
         }
-        // 130m at 128K with batch 1: a few hundred chunks of a few hundred steps.
-        assert_eq!(scan_chunks(1, 1536, 131_072), (342, 384));
+        // 130m at 128K with batch 1: a couple of hundred chunks of several hundred steps.
+        assert_eq!(scan_chunks(1, 1536, 131_072), (171, 767));
         // Wide batches need no time chunks at all.
         assert_eq!(scan_chunks(128, 5120, 4096), (1, 4096));
+        // A larger target cuts more, shorter chunks; the floor of one chunk holds.
+        assert_eq!(scan_chunks_for(1, 1536, 131_072, 1 << 19), (342, 384));
+        assert_eq!(scan_chunks_for(1, 1536, 131_072, 0), (1, 131_072));
     }
 
     #[test]
@@ -99,6 +260,72 @@ mod tests {
         assert!(!decode_fits(0, 768, 1536));
         assert!(decode_fits(2, 2560, 5120)); // 2.8b: 2 × 5120 × 4 = 40 KiB
         assert!(!decode_fits(3, 2560, 5120));
+    }
+
+    #[test]
+    fn decode_split_fills_the_gpu_without_tiny_slices() {
+        for &(n, k) in &[
+            (10_240, 2560), // 2.8b in_proj
+            (192, 5120),    // 2.8b x_proj
+            (2560, 5120),   // 2.8b out_proj
+            (50_280, 2560), // 2.8b lm_head
+            (3072, 768),    // 130m in_proj
+            (80, 1536),     // 130m x_proj
+            (768, 1536),    // 130m out_proj
+            (1, 8),
+            (7, 100_000),
+        ] {
+            for eb in [2, 4] {
+                let s = decode_split(n, k, eb);
+                assert!(
+                    s.is_power_of_two() && s <= DECODE_BLOCK_WARPS,
+                    "{n}x{k}: {s}"
+                );
+                if s > 1 {
+                    // Split only while the GPU is not yet full, and never below the floor.
+                    assert!(n * (s / 2) < DECODE_TARGET_WARPS);
+                    assert!(k * eb / s >= DECODE_MIN_SLICE_BYTES, "{n}x{k}x{eb}: {s}");
+                }
+                let blocks = decode_blocks(n, s);
+                assert!(blocks * (DECODE_BLOCK_WARPS / s) >= n);
+                assert!((blocks - 1) * (DECODE_BLOCK_WARPS / s) < n);
+            }
+        }
+        assert_eq!(decode_split(10_240, 2560, 2), 1);
+        assert_eq!(decode_split(2560, 5120, 2), 2);
+        assert_eq!(decode_split(192, 5120, 2), 8);
+        assert_eq!(decode_split(80, 1536, 2), 4); // four slices of 768 B
+        assert_eq!(decode_split(80, 1536, 4), 8);
+        assert_eq!(decode_split(768, 1536, 2), 4);
+        assert_eq!(decode_split(1, 8, 2), 1);
+        assert_eq!(decode_blocks(192, 8), 192);
+        assert_eq!(decode_blocks(10_240, 1), 1280);
+    }
+
+    #[test]
+    fn roofline_of_the_h100_and_a_gemm() {
+        // H100 SXM: 132 SMs, 1,980 MHz, HBM3 at 2,619 MHz on 5,120 bits.
+        let p = device_peaks((9, 0), 132, 1_980_000, 2_619_000, 5120).unwrap();
+        assert!((p.bytes / 1e12 - 3.352).abs() < 1e-3, "{}", p.bytes);
+        assert!((p.tensor_flops / 1e12 - 1070.5).abs() < 0.1);
+        assert!((p.fp32_flops / 1e12 - 66.9).abs() < 0.1);
+        assert!(device_peaks((7, 5), 40, 1, 1, 1).is_none());
+        // 2.8b in_proj at 32K in bf16: 2·32768·10240·2560 FLOPs, compute-bound.
+        let w = Work::gemm(32_768, 10_240, 2560, 2);
+        assert_eq!(w.tensor_flops, 2.0 * 32_768.0 * 10_240.0 * 2560.0);
+        assert_eq!(w.fp32_flops, 0.0);
+        let (t, roof) = w.roofline(&p);
+        assert_eq!(roof, "tensor");
+        assert!((t - w.tensor_flops / p.tensor_flops).abs() < 1e-12);
+        // A decode-like matvec is memory-bound; f32 GEMMs use the f32 pipe.
+        assert_eq!(Work::gemm(1, 10_240, 2560, 2).roofline(&p).1, "memory");
+        assert_eq!(Work::gemm(4096, 4096, 4096, 4).roofline(&p).1, "fp32");
+        let e = Work {
+            exps: 1e12,
+            ..Work::default()
+        };
+        assert_eq!((e + Work::bytes(1.0)).roofline(&p).1, "sfu");
+        assert_eq!(Work::default().roofline(&p), (0.0, "-"));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 
 use super::backend::{Backend, BackendChoice};
 use super::config::MambaConfig;
+#[cfg(feature = "cuda")]
+use super::gpu_plan::Work;
 use super::host_f32::{to_vec_f32, HostF32};
 use super::kernels::{self, ConvInput, ScanInputs};
 #[path = "candle_ops.rs"]
@@ -640,24 +642,33 @@ impl Mixer {
         let (batch, len, d_model) = h.dims3()?;
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let mut prof = cuda::profile::start(h.device());
-        let lap = cuda::profile::lap;
+        let (lap, lap_work) = (cuda::profile::lap, cuda::profile::lap_work);
+        let (tokens, eb) = (batch * len, p.dtype.size_in_bytes());
         let xz = self
             .in_proj
             .forward(&h.reshape((batch * len, d_model))?)?
             .contiguous()?;
-        lap(&mut prof, "in_proj");
+        lap_work(
+            &mut prof,
+            "in_proj",
+            Work::gemm(tokens, 2 * di, d_model, eb),
+        );
         let (x_conv, window) = cuda::conv_silu(&xz, conv, p, batch, len)?;
         *conv = window;
-        lap(&mut prof, "conv");
+        lap_work(
+            &mut prof,
+            "conv",
+            Work::bytes((2 * tokens * di * eb) as f64),
+        );
         let dbc = self.x_proj.forward(&x_conv)?.contiguous()?;
-        lap(&mut prof, "x_proj");
+        lap_work(&mut prof, "x_proj", Work::gemm(tokens, r + 2 * n, di, eb));
         // dt before bias and softplus: the scan adds both as it reads it.
         let dt = dbc
             .narrow(1, 0, r)?
             .contiguous()?
             .matmul(&self.dt_proj_weight.t()?)?
             .contiguous()?;
-        lap(&mut prof, "dt_proj");
+        lap_work(&mut prof, "dt_proj", Work::gemm(tokens, di, r, eb));
         let device_plan = cuda::DevicePlan::new(p, plan, || self.a_under(plan), h.device())?;
 
         let mut kept = None;
@@ -738,14 +749,16 @@ impl Mixer {
             z_offset: di,
             h0: ssm,
         };
+        lap(&mut prof, "scan inputs");
+        // The scan books its own passes ("scan: ...").
         let (y, h1) = cuda::selective_scan(&args, p, &device_plan)?;
         *ssm = h1;
-        lap(&mut prof, "scan");
         let out = self
             .out_proj
             .forward(&y)?
             .reshape((batch, scan_len, d_model))?;
-        lap(&mut prof, "out_proj");
+        let rows = batch * scan_len;
+        lap_work(&mut prof, "out_proj", Work::gemm(rows, d_model, di, eb));
         Ok((out, kept))
     }
 
@@ -1028,8 +1041,8 @@ pub fn select_top_k_on_device(
 }
 
 /// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
-/// seconds, calls), cleared by the call. Empty without the `cuda` feature or profiling.
-pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
+/// seconds, calls, work and roofline), cleared by the call. Empty without the `cuda` feature or profiling.
+pub fn take_gpu_profile() -> Vec<super::gpu_plan::StageTime> {
     #[cfg(feature = "cuda")]
     return cuda::profile::take();
     #[cfg(not(feature = "cuda"))]
@@ -1569,7 +1582,9 @@ impl MambaModel {
                 self.rounds_residual(),
                 norm_of.is_some(),
             )?;
-            cuda::profile::lap(&mut prof, "add_norm");
+            // f32 residual read and written, the mixer output read, the normed rows written.
+            let traffic = batch * len * d_model * (8 + 2 * self.dtype.size_in_bytes());
+            cuda::profile::lap_work(&mut prof, "add_norm", Work::bytes(traffic as f64));
             *residual = new_res.reshape((batch, len, d_model))?;
             return match normed {
                 Some(n) => Ok(n.reshape((batch, len, d_model))?),
