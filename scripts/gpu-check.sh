@@ -14,7 +14,9 @@
 # machine and run `OUT=results bash scripts/gpu-check.sh`.
 #
 # GPU_CHECK_QUICK=1 runs only the tests and the 130m bf16 benchmarks (vanilla, DeciMamba and
-# each other method). Benchmarks report the
+# each other method). GPU_CHECK_PEERS=1 runs the tests, then only the bf16 130m and 2.8b
+# prefill and decode, beside both peers (the comparison the performance issue asks for,
+# in one call of the device tool). Benchmarks report the
 # median of REPEATS (default 5) prefills. With .ref/selective_scan present (scripts/
 # fetch-reference-src.sh), the reference kernel path is built and timed in the same run and
 # scripts/gpu_compare.py writes the side-by-side table to $OUT/compare.md.
@@ -65,28 +67,43 @@ bench() { # bench <seconds> <name> <args...>
 # DeciMamba as the reference times it (and as the anchors): layer 12 keeps 2,000 tokens.
 DECI="--compare-decimation --deci-layers 12 --deci-lbase 2000"
 bench 120 130m-bf16 --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
-# Each other method's prefill against vanilla in the same run (plan values do not change
-# the work; scripts/bench_policies.py writes policies that fit the shape).
-python3 scripts/bench_policies.py 130m "$OUT/policies" >/dev/null
-for policy in mambaextend mambaextend-channel modulation longmamba; do
-    bench 90 "130m-bf16-$policy" --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 0 \
-        --policy "$OUT/policies/$policy-130m.json"
-done
-# The Candle-ops backend (--backend candle) beside the CUDA kernels, in the same run.
-bench 150 130m-bf16-backends --shape 130m --dtype bf16 --lengths 2k,8k --decode 64 \
-    --compare-backends
-if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
+PEERS=${GPU_CHECK_PEERS:-}
+if [[ -n $PEERS ]]; then
     bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
-    bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI
-    bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 $DECI
-    # Memory: 2.8b bf16, vanilla, 512K tokens in one prefill on one GPU.
-    REPEATS=1 bench 150 2.8b-bf16-512k --shape 2.8b --dtype bf16 --lengths 512k --decode 0
+    # The stage profile with each stage's share of the roofline (synchronised, so slower;
+    # its log only: gpu_compare.py reads the JSON in $OUT).
+    for shape in 130m 2.8b; do
+        echo "== profile $shape bf16, 32K" | tee -a "$OUT/profile.log"
+        DECIMAMBA_CUDA_PROFILE=1 timeout 120 "$BIN/decimamba" bench --device cuda --repeats 1 \
+            --shape $shape --dtype bf16 --lengths 32k --decode 0 2>&1 | tee -a "$OUT/profile.log"
+    done
+fi
+if [[ -z $PEERS ]]; then
+    # Each other method's prefill against vanilla in the same run (plan values do not change
+    # the work; scripts/bench_policies.py writes policies that fit the shape).
+    python3 scripts/bench_policies.py 130m "$OUT/policies" >/dev/null
+    for policy in mambaextend mambaextend-channel modulation longmamba; do
+        bench 90 "130m-bf16-$policy" --shape 130m --dtype bf16 --lengths 2k,8k,32k,128k --decode 0 \
+            --policy "$OUT/policies/$policy-130m.json"
+    done
+    # The Candle-ops backend (--backend candle) beside the CUDA kernels, in the same run.
+    bench 150 130m-bf16-backends --shape 130m --dtype bf16 --lengths 2k,8k --decode 64 \
+        --compare-backends
+    if [[ -z ${GPU_CHECK_QUICK:-} ]]; then
+        bench 200 2.8b-bf16 --shape 2.8b --dtype bf16 --lengths 2k,8k,32k,128k --decode 256 $DECI
+        bench 120 130m-f32 --shape 130m --dtype f32 --lengths 2k,8k,32k,128k --decode 256 $DECI
+        bench 120 2.8b-f32 --shape 2.8b --dtype f32 --lengths 2k,8k --decode 0 $DECI
+        # Memory: 2.8b bf16, vanilla, 512K tokens in one prefill on one GPU.
+        REPEATS=1 bench 150 2.8b-bf16-512k --shape 2.8b --dtype bf16 --lengths 512k --decode 0
+    fi
 fi
 
 # 2b. Sweep throughput: passkey and eval-ppl at batch 1 against batch 16 (scripts/
 #     sweep-throughput.sh; needs data/tokenizers and data/austen carried with .gpu).
-echo "== sweep throughput"
-BIN=$BIN OUT=$OUT timeout 420 bash scripts/sweep-throughput.sh || status=1
+if [[ -z $PEERS ]]; then
+    echo "== sweep throughput"
+    BIN=$BIN OUT=$OUT timeout 420 bash scripts/sweep-throughput.sh || status=1
+fi
 # 2c. Several GPUs: the worker pool and shards + merge against one GPU (MULTI_GPU=1 runs the
 #     same commands on one GPU).
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -98,11 +115,22 @@ fi
 # 3. The reference in the same run: mamba_ssm's selective-scan kernel around PyTorch (the
 #    authors' non-fused path), built here from .ref/selective_scan (scripts/
 #    fetch-reference-src.sh fetches it; carry it with .gpu). Then the side-by-side table.
+REF_RUNS=130m:bf16,2.8b:bf16,130m:fp32,2.8b:fp32
+[[ -n $PEERS ]] && REF_RUNS=130m:bf16,2.8b:bf16
 if [[ -z ${GPU_CHECK_QUICK:-} && -f .ref/selective_scan/selective_scan.cpp ]]; then
     echo "== reference: mamba_ssm selective_scan (non-fused PyTorch path)"
-    PYTHONUNBUFFERED=1 timeout 290 python3 scripts/gpu_reference_bench.py --src .ref/selective_scan \
-        --runs 130m:bf16,2.8b:bf16,130m:fp32,2.8b:fp32 --lengths 2k,8k,32k,128k --decimated \
-        --deadline 250 --out "$OUT" 2>&1 | tee "$OUT/reference.log"
+    PYTHONUNBUFFERED=1 timeout $(( ${REF_DEADLINE:-250} + 40 )) python3 scripts/gpu_reference_bench.py --src .ref/selective_scan \
+        --runs $REF_RUNS --lengths 2k,8k,32k,128k --decimated \
+        --deadline ${REF_DEADLINE:-250} --out "$OUT" 2>&1 | tee "$OUT/reference.log"
+fi
+# 3b. The fused peer (mamba_inner_fn + causal-conv1d + Triton add+norm, generate with
+#     cg=True), built from the sdists in .ref (scripts/fetch-reference-src.sh); after the
+#     reference, whose selective-scan build it reuses.
+if [[ -z ${GPU_CHECK_QUICK:-} && -f .ref/py/mamba_ssm/__init__.py ]]; then
+    echo "== peer: mamba_ssm fused inference path"
+    OUT=$OUT FUSED_DEADLINE=${FUSED_DEADLINE:-240} bash scripts/gpu-fused-peer.sh || status=1
+fi
+if [[ -z ${GPU_CHECK_QUICK:-} && -d .ref ]]; then
     python3 scripts/gpu_compare.py "$OUT" | tee "$OUT/compare.md"
 fi
 exit $status

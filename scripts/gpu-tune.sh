@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Kernel tuning on a GPU machine, in one run: decode and prefill of the random 130m and
+# 2.8b shapes (bf16, batch 1) under other kernel sources and compile-time knobs, all from
+# one binary, so every number is side by side. Run after scripts/build-cuda.sh, with the
+# kernel source to compare against (e.g. the last commit's) in .gpu/baseline.cu:
+#   git show HEAD~1:src/model/cuda.kernels.cu > .gpu/baseline.cu
+#   run(command="bash scripts/gpu-tune.sh", carry=[".gpu"])
+# Knobs (README, "Knobs for GPU work"): DECIMAMBA_CUDA_SOURCE (another kernel file),
+# DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
+# -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
+# scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
+# TUNE_TESTS=1 first runs the GPU tests; TUNE_SET=base times only the baseline against the
+# current kernels. Writes $OUT/tune.md (one line per run) and the
+# bench JSON of each run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BIN=/tmp/decimamba-gpu
+mkdir -p "$BIN"
+for f in decimamba gpu-tests; do
+    [[ -f .gpu/$f.xz ]] && xz -dc ".gpu/$f.xz" >"$BIN/$f" && chmod +x "$BIN/$f"
+done
+source scripts/gpu-env.sh >/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+status=0
+if [[ ${TUNE_TESTS:-0} == 1 ]]; then
+    timeout 240 "$BIN/gpu-tests" --test-threads 1 >"$OUT/gpu-tests.log" 2>&1
+    rc=$?
+    echo "gpu tests exit $rc: $(grep -E '^test result' "$OUT/gpu-tests.log" | tail -1)" | tee -a "$OUT/tune.md"
+    [[ $rc == 0 ]] || status=1
+fi
+BASE=.gpu/baseline.cu
+
+# one <name> <timeout> <env assignments...> -- <bench args...>: one bench process.
+one() {
+    local name=$1 secs=$2
+    shift 2
+    local envs=()
+    while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+    shift
+    if [[ " ${envs[*]} " == *"DECIMAMBA_CUDA_SOURCE=$BASE"* && ! -f $BASE ]]; then
+        echo "| $name | skipped: no $BASE |" | tee -a "$OUT/tune.md"
+        return
+    fi
+    env "${envs[@]}" timeout "$secs" "$BIN/decimamba" bench --device cuda --dtype bf16 \
+        --repeats "${REPEATS:-5}" "$@" --json "$OUT/tune-$name.json" >"$OUT/tune-$name.log" 2>&1
+    local rc=$?
+    [[ $rc == 0 ]] || status=1
+    python3 - "$name" "$OUT/tune-$name.json" "$rc" "${envs[*]}" <<'PY' | tee -a "$OUT/tune.md"
+import json, sys
+name, path, rc, envs = sys.argv[1:]
+try:
+    r = json.load(open(path))
+except (OSError, ValueError):
+    print(f"| {name} | exit {rc}, no report | {envs} |")
+    sys.exit()
+pre = " ".join(f"{int(k) // 1024}K {v['s'] * 1e3:.2f} ms" for k, v in sorted(
+    r.get("prefill", {}).items(), key=lambda kv: int(kv[0])))
+dec = r.get("decode") or {}
+tps = dec.get("tok_per_s") or dec.get("tokens_per_s")
+print(f"| {name} | {r.get('model')} | {pre} | decode {tps and f'{tps:.1f} tok/s'} | {envs} | exit {rc} |")
+PY
+}
+
+echo "| run | model | prefill | decode | knobs | |" | tee -a "$OUT/tune.md"
+# TUNE_SET=base: only the baseline source against this one (decode, and prefill at 32K).
+if [[ ${TUNE_SET:-all} == base ]]; then
+    OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
+    for shape in 130m 2.8b; do
+        one "$shape-decode-base" 200 $OLD -- --shape $shape --lengths 32k --decode 256
+        one "$shape-decode" 200 X=1 -- --shape $shape --lengths 32k --decode 256
+        one "$shape-decode-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- --shape $shape --lengths 32k --decode 256
+    done
+    exit $status
+fi
+# The baseline kernels have no griddep_wait: never launch them with PDL.
+OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
+for shape in 130m 2.8b; do
+    D="--shape $shape --lengths 2k --decode 256"
+    one "$shape-decode-base" 200 $OLD -- $D
+    one "$shape-decode" 200 X=1 -- $D
+    one "$shape-decode-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- $D
+    one "$shape-decode-unroll2" 200 DECIMAMBA_NVRTC_FLAGS=-DMATVEC_UNROLL=2 -- $D
+    one "$shape-decode-minblocks2" 200 DECIMAMBA_NVRTC_FLAGS=-DMATVEC_MIN_BLOCKS=2 -- $D
+    one "$shape-decode-minblocks4" 200 DECIMAMBA_NVRTC_FLAGS=-DMATVEC_MIN_BLOCKS=4 -- $D
+done
+# Prefill at 32K: the scan's knobs, then the stage profile of the default.
+P="--shape 130m --lengths 32k --decode 0"
+one 130m-32k-base 120 $OLD -- $P
+one 130m-32k 120 X=1 -- $P
+one 130m-32k-noprefetch 120 DECIMAMBA_NVRTC_FLAGS=-DSCAN_PREFETCH=0 -- $P
+one 130m-32k-minblocks6 120 DECIMAMBA_NVRTC_FLAGS=-DSCAN_MIN_BLOCKS=6 -- $P
+one 130m-32k-tile64 120 DECIMAMBA_NVRTC_FLAGS=-DTILE=64 -- $P
+one 130m-32k-unroll2 120 DECIMAMBA_NVRTC_FLAGS=-DSCAN_UNROLL=2 -- $P
+one 130m-32k-unroll8 120 DECIMAMBA_NVRTC_FLAGS=-DSCAN_UNROLL=8 -- $P
+one 130m-32k-target18 120 DECIMAMBA_SCAN_TARGET_THREADS=262144 -- $P
+one 130m-32k-target20 120 DECIMAMBA_SCAN_TARGET_THREADS=1048576 -- $P
+one 130m-32k-profile 120 DECIMAMBA_CUDA_PROFILE=1 -- $P
+P="--shape 2.8b --lengths 32k --decode 0"
+one 2.8b-32k-base 150 $OLD -- $P
+one 2.8b-32k 150 X=1 -- $P
+one 2.8b-32k-minblocks6 150 DECIMAMBA_NVRTC_FLAGS=-DSCAN_MIN_BLOCKS=6 -- $P
+one 2.8b-32k-profile 150 DECIMAMBA_CUDA_PROFILE=1 -- $P
+exit $status
