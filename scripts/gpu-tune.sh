@@ -10,7 +10,7 @@
 # -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
 # TUNE_TESTS=1 first runs the GPU tests; TUNE_SET=base times only the baseline against the
-# current kernels. Writes $OUT/tune.md (one line per run) and the
+# current kernels (prefill at TUNE_LENGTHS, default 32k, and decode). Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,9 +68,10 @@ echo "| run | model | prefill | decode | knobs | |" | tee -a "$OUT/tune.md"
 if [[ ${TUNE_SET:-all} == base ]]; then
     OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
     for shape in 130m 2.8b; do
-        one "$shape-decode-base" 200 $OLD -- --shape $shape --lengths 32k --decode 256
-        one "$shape-decode" 200 X=1 -- --shape $shape --lengths 32k --decode 256
-        one "$shape-decode-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- --shape $shape --lengths 32k --decode 256
+        D="--shape $shape --lengths ${TUNE_LENGTHS:-32k} --decode 256"
+        one "$shape-base" 200 $OLD -- $D
+        one "$shape" 200 X=1 -- $D
+        one "$shape-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- $D
     done
     exit $status
 fi
