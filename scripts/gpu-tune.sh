@@ -9,7 +9,7 @@
 # DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
 # -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
-# TUNE_TESTS=1 first runs the GPU tests; TUNE_SET=base times only the baseline against the
+# TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
 # current kernels (prefill at TUNE_LENGTHS, default 32k, and decode). Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
@@ -25,7 +25,7 @@ source scripts/gpu-env.sh >/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 status=0
 if [[ ${TUNE_TESTS:-0} == 1 ]]; then
-    timeout 240 "$BIN/gpu-tests" --test-threads 1 >"$OUT/gpu-tests.log" 2>&1
+    DECIMAMBA_NVRTC_FLAGS=${TUNE_TEST_FLAGS:-} timeout 240 "$BIN/gpu-tests" --test-threads 1 >"$OUT/gpu-tests.log" 2>&1
     rc=$?
     echo "gpu tests exit $rc: $(grep -E '^test result' "$OUT/gpu-tests.log" | tail -1)" | tee -a "$OUT/tune.md"
     [[ $rc == 0 ]] || status=1
@@ -72,6 +72,7 @@ if [[ ${TUNE_SET:-all} == base ]]; then
         one "$shape-base" 200 $OLD -- $D
         one "$shape" 200 X=1 -- $D
         one "$shape-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- $D
+        one "$shape-stagevec" 200 DECIMAMBA_NVRTC_FLAGS=-DSTAGE_VEC=1 -- $D
     done
     exit $status
 fi

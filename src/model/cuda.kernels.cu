@@ -567,13 +567,19 @@ __device__ __forceinline__ void unpack(uint4 u, float* w) {
 #endif
 }
 
+// 1: the decode matvecs stage their input with 16-byte loads, four per thread in flight
+// (not yet run on a GPU: scripts/gpu-tune.sh times and tests it with -DSTAGE_VEC=1);
+// 0: one scalar load per thread and step.
+#ifndef STAGE_VEC
+#define STAGE_VEC 0
+#endif
+
 // Stages the B input rows of a decode matvec in shared memory as f32 (B*K floats), x in
-// the model dtype, row stride K. The loads are 16 bytes each, four per thread in flight:
-// every block stages the whole input before its first product, so this is latency that
-// every decode kernel pays.
+// the model dtype, row stride K. Every block stages the whole input before its first
+// product, so this is latency that every decode kernel pays.
 __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K) {
     const int n = B * K;
-    if (n % VEC == 0 && reinterpret_cast<unsigned long long>(x) % 16 == 0) {
+    if (STAGE_VEC && n % VEC == 0 && reinterpret_cast<unsigned long long>(x) % 16 == 0) {
         const uint4* xv = reinterpret_cast<const uint4*>(x);
         const int nv = n / VEC;
         for (int i = threadIdx.x; i < nv; i += 4 * blockDim.x) {
@@ -599,12 +605,21 @@ __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K)
     }
 }
 
-// ... x = norm(residual), weight nw, bias nb (0: RMSNorm): the f32 rows are copied in
-// 16-byte loads, then normalised in place (each thread owns the same elements in the
-// statistics and the update, as norm_stats sums them, so the result is the same as
+// ... x = norm(residual), weight nw, bias nb (0: RMSNorm). With STAGE_VEC the f32 rows are
+// copied in 16-byte loads, then normalised in place (each thread owns the same elements in
+// the statistics and the update, as norm_stats sums them, so the result is the same as
 // reading the residual directly).
 __device__ void stage_norm(float* xs, const float* __restrict__ res, const elem* __restrict__ nw,
                            const elem* __restrict__ nb, float eps, int B, int K, float* sh) {
+    if (!STAGE_VEC) {
+        for (int b = 0; b < B; ++b) {
+            const float* r = res + (i64)b * K;
+            const float2 s = norm_stats([&](int i) { return r[i]; }, K, eps, nb != 0, sh);
+            for (int i = threadIdx.x; i < K; i += blockDim.x)
+                xs[b * K + i] = norm_apply(r[i], s, nw, nb, i);
+        }
+        return;
+    }
     const int n = B * K;
     if (n % 4 == 0 && reinterpret_cast<unsigned long long>(res) % 16 == 0) {
         const float4* rv = reinterpret_cast<const float4*>(res);
