@@ -1041,7 +1041,8 @@ pub fn select_top_k_on_device(
 }
 
 /// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
-/// seconds, calls, work and roofline), cleared by the call. Empty without the `cuda` feature or profiling.
+/// seconds, calls, work and roofline), cleared by the call. Empty without the `cuda`
+/// feature or profiling.
 pub fn take_gpu_profile() -> Vec<super::gpu_plan::StageTime> {
     #[cfg(feature = "cuda")]
     return cuda::profile::take();
