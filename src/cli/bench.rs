@@ -237,7 +237,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if args.decode > 0 {
+        crate::model::take_gpu_profile();
         let d = bench::time_decode(&model, 128, args.decode)?;
+        print_gpu_profile("decode (128-token prompt prefill included)");
         println(&format!(
             "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s ({:.1} GB/s of weights)",
             d.new_tokens, d.s, d.tok_per_s, d.weight_gb_per_s

@@ -27,10 +27,10 @@ use super::super::gpu_plan::{
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaEvent, CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::op::BackpropOp;
@@ -944,7 +944,8 @@ pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) ->
             false,
         ))
     };
-    if let Some(cache) = cache.filter(|_| graphs_enabled()) {
+    // Profiling times each kernel with events, which a graph replay would not show.
+    if let Some(cache) = cache.filter(|_| graphs_enabled() && !profile::enabled()) {
         let mut key = vec![dims.batch as u64];
         for l in &m.layers {
             key.push(dptr(l.conv, DType::F32, "conv state")?);
@@ -965,7 +966,14 @@ pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) ->
     }
     let mut bufs = DecodeBuffers::new(&dev, &dims, m.dtype)?;
     stream.memcpy_htod(ids, &mut bufs.ids)?;
-    enqueue_step(m, &dev, &dims, &bufs.ptrs(&dev))?;
+    let mut timer = match profile::enabled() {
+        true => Some(StepTimer::new(&dev)?),
+        false => None,
+    };
+    enqueue_step(m, &dev, &dims, &bufs.ptrs(&dev), &mut timer)?;
+    if let Some(t) = timer {
+        t.book()?;
+    }
     logits_of(&bufs.logits)
 }
 
@@ -991,7 +999,7 @@ fn capture(
         GRAPHS_OFF.store(true, Ordering::Relaxed);
         return Ok(None);
     }
-    let launched = enqueue_step(m, dev, dims, &bufs.ptrs(dev));
+    let launched = enqueue_step(m, dev, dims, &bufs.ptrs(dev), &mut None);
     let graph = stream.end_capture(CUgraphInstantiate_flags(0));
     launched?;
     match graph {
@@ -1010,14 +1018,68 @@ fn capture(
     }
 }
 
+/// Per-kernel GPU times of a decode step under `DECIMAMBA_CUDA_PROFILE=1`: an event after
+/// each kernel (which keeps dependent launches from overlapping), booked as profile stages
+/// "decode: …" once the step has run.
+struct StepTimer {
+    dev: CudaDevice,
+    start: CudaEvent,
+    marks: Vec<(&'static str, CudaEvent, Work)>,
+}
+
+impl StepTimer {
+    fn new(dev: &CudaDevice) -> Result<Self> {
+        let start = dev
+            .cuda_stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        Ok(StepTimer {
+            dev: dev.clone(),
+            start,
+            marks: Vec::new(),
+        })
+    }
+
+    /// Ends the kernel just launched: stage `name`, which did `work`.
+    fn mark(&mut self, name: &'static str, work: Work) -> Result<()> {
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let event = self.dev.cuda_stream().record_event(flags)?;
+        self.marks.push((name, event, work));
+        Ok(())
+    }
+
+    fn book(self) -> Result<()> {
+        let mut prev = &self.start;
+        for (name, event, work) in &self.marks {
+            let secs = f64::from(prev.elapsed_ms(event)?) / 1e3;
+            profile::book(&self.dev, name, secs, *work);
+            prev = event;
+        }
+        Ok(())
+    }
+}
+
+/// A decode matvec's work: `n × k` weights of `elem_bytes` streamed once, `batch` rows.
+fn matvec_work(n: usize, k: usize, batch: usize, elem_bytes: usize) -> Work {
+    Work {
+        fp32_flops: 2.0 * (batch * n * k) as f64,
+        bytes: (n * k * elem_bytes) as f64,
+        ..Work::default()
+    }
+}
+
 /// Enqueues the kernels of one decode step on the device's stream, reading the token ids
-/// from `b.ids` and leaving the logits in `b.logits`.
+/// from `b.ids` and leaving the logits in `b.logits`; `timer` marks each kernel.
 fn enqueue_step(
     m: &DecodeModel,
     dev: &CudaDevice,
     dims: &DecodeDims,
     b: &DecodePtrs,
+    timer: &mut Option<StepTimer>,
 ) -> Result<()> {
+    let mut mark = |name: &'static str, work: Work| match timer {
+        Some(t) => t.mark(name, work),
+        None => Ok(()),
+    };
     let dev = dev.clone();
     let et = m.dtype;
     let first = m
@@ -1049,6 +1111,10 @@ fn enqueue_step(
         &b_,
         &dm_
     );
+    mark(
+        "decode: embedding",
+        Work::bytes((2 * batch * d_model * eb) as f64),
+    )?;
     let (mv_norm, mv_plain, mv_res, scan_step) = (
         kernel!(&dev, "matvec_norm_conv", first.params),
         kernel!(&dev, "matvec_plain", first.params),
@@ -1090,11 +1156,16 @@ fn enqueue_step(
             &dev, pdl, &mv_norm, in_cfg, &rp, &nw, &nb, &eps, &rr, &iw, &ib, &xzp, &b_, &dm_, &n2,
             &vin, &convp, &cw, &cb, &xcp, &di_, &in_split
         );
+        mark(
+            "decode: norm+in_proj+conv",
+            matvec_work(2 * d_inner, d_model, batch, eb),
+        )?;
         let vx = vec_ok(d_inner, xpw, eb) as i32;
         let (x_cfg, x_split) = matvec_cfg(xw, batch, d_inner, eb);
         launch_step!(
             &dev, pdl, &mv_plain, x_cfg, &xcp, &xpw, &null, &dbcp, &b_, &di_, &xw_, &vx, &x_split
         );
+        mark("decode: x_proj", matvec_work(xw, d_inner, batch, eb))?;
         launch_step!(
             &dev,
             pdl,
@@ -1115,11 +1186,18 @@ fn enqueue_step(
             &b_,
             &di_
         );
+        // dt_proj's rows, and the state read and written.
+        let scan_bytes = d_inner * (dt_rank * eb + 2 * batch * p.a.dim(1)? * 4);
+        mark("decode: dt_proj+scan", Work::bytes(scan_bytes as f64))?;
         let vo = vec_ok(d_inner, ow, eb) as i32;
         let (out_cfg, out_split) = matvec_cfg(d_model, batch, d_inner, eb);
         launch_step!(
             &dev, pdl, &mv_res, out_cfg, &yp, &rr, &ow, &ob, &rp, &b_, &di_, &dm_, &vo, &out_split
         );
+        mark(
+            "decode: out_proj+residual",
+            matvec_work(d_model, d_inner, batch, eb),
+        )?;
     }
     let (nw, nb) = m.norm_f.ptrs(et)?;
     let hp = dptr(m.lm_head, et, "lm_head")?;
@@ -1146,6 +1224,10 @@ fn enqueue_step(
         &vh,
         &head_split
     );
+    mark(
+        "decode: norm+lm_head",
+        matvec_work(vocab, d_model, batch, eb),
+    )?;
     Ok(())
 }
 
@@ -1279,20 +1361,36 @@ pub mod profile {
         let Some(last) = t.last.replace(now) else {
             return;
         };
-        let dt = now.duration_since(last).as_secs_f64();
-        match t.stages.iter_mut().find(|e| e.name == name) {
+        add(
+            &mut t.stages,
+            name,
+            now.duration_since(last).as_secs_f64(),
+            work,
+        );
+    }
+
+    fn add(stages: &mut Vec<StageTime>, name: &'static str, secs: f64, work: Work) {
+        match stages.iter_mut().find(|e| e.name == name) {
             Some(e) => {
-                e.secs += dt;
+                e.secs += secs;
                 e.calls += 1;
                 e.work = e.work + work;
             }
-            None => t.stages.push(StageTime {
+            None => stages.push(StageTime {
                 name,
-                secs: dt,
+                secs,
                 calls: 1,
                 work,
                 roofline: None,
             }),
+        }
+    }
+
+    /// Books `secs` of GPU time measured some other way (events) to stage `name`.
+    pub fn book(dev: &CudaDevice, name: &'static str, secs: f64, work: Work) {
+        PEAKS.get_or_init(|| peaks_of(dev));
+        if let Ok(mut t) = TABLE.lock() {
+            add(&mut t.stages, name, secs, work);
         }
     }
 
