@@ -7,6 +7,7 @@ pub mod gpu_plan;
 mod host_f32;
 pub mod kernels;
 pub mod mamba;
+pub mod state;
 
 pub use backend::{Backend, BackendChoice};
 pub use config::{CheckpointFormat, MambaConfig};
