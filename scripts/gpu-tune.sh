@@ -64,9 +64,10 @@ PY
 }
 
 echo "| run | model | prefill | decode | knobs | |" | tee -a "$OUT/tune.md"
+# The baseline kernels have no griddep_wait: never launch them with PDL.
+OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
 # TUNE_SET=base: only the baseline source against this one (decode, and prefill at 32K).
 if [[ ${TUNE_SET:-all} == base ]]; then
-    OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
     for shape in 130m 2.8b; do
         D="--shape $shape --lengths ${TUNE_LENGTHS:-32k} --decode 256"
         one "$shape-base" 200 $OLD -- $D
@@ -76,8 +77,6 @@ if [[ ${TUNE_SET:-all} == base ]]; then
     done
     exit $status
 fi
-# The baseline kernels have no griddep_wait: never launch them with PDL.
-OLD="DECIMAMBA_CUDA_SOURCE=$BASE DECIMAMBA_CUDA_PDL=0"
 for shape in 130m 2.8b; do
     D="--shape $shape --lengths 2k --decode 256"
     one "$shape-decode-base" 200 $OLD -- $D

@@ -248,7 +248,6 @@ def clear_stale_lock(build_dir: Path):
 
 def build_causal_conv1d(src: Path, build_dir: Path, std: str, verbose: bool):
     """Builds (or loads from build_dir's cache) a forward-only causal_conv1d_cuda."""
-    from torch.utils.cpp_extension import load
     import gpu_reference_bench as ref
 
     missing = [n for n in CC_SOURCES + ["causal_conv1d.h"] if not (src / n).is_file()]
@@ -258,22 +257,8 @@ def build_causal_conv1d(src: Path, build_dir: Path, std: str, verbose: bool):
     stub = build_dir / "causal_conv1d_bwd_stub.cpp"
     if not stub.is_file() or stub.read_text() != CC_STUB:  # keep the mtime: ninja's cache
         stub.write_text(CC_STUB)
-    os.environ.setdefault("MAX_JOBS", "16")
-    print(f"building causal_conv1d_cuda from {src} in {build_dir} (-std={std}, "
-          f"MAX_JOBS={os.environ['MAX_JOBS']})...", flush=True)
-    t0 = time.perf_counter()
-    module = load(
-        name="causal_conv1d_cuda",
-        sources=[str(src / n) for n in CC_SOURCES] + [str(stub)],
-        extra_cflags=["-O3", f"-std={std}"],
-        extra_cuda_cflags=ref.NVCC_FLAGS + [f"-std={std}"],
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        verbose=verbose,
-    )
-    build_s = time.perf_counter() - t0
-    print(f"build causal_conv1d_cuda: {build_s:.1f} s", flush=True)
-    return module, build_s
+    return ref.build_extension("causal_conv1d_cuda", src, [src / n for n in CC_SOURCES] + [stub],
+                               build_dir, std, verbose)
 
 
 def dry_selective_scan_module():

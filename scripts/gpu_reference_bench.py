@@ -193,22 +193,29 @@ class Scan:
 
 def build_kernel(src: Path, build_dir: Path, std: str, verbose: bool):
     """Builds (or loads from build_dir's cache) the forward-only selective_scan_cuda."""
-    from torch.utils.cpp_extension import load
-
     missing = [n for n in KERNEL_SOURCES if not (src / n).is_file()]
     if missing or not (src / "selective_scan.h").is_file():
         sys.exit(f"error: --src {src} lacks {missing or ['selective_scan.h']} "
                  "(want the sdist's csrc/selective_scan folder)")
     if not STUB.is_file():
         sys.exit(f"error: {STUB} not found")
+    sources = [src / n for n in KERNEL_SOURCES] + [STUB]
+    return build_extension("selective_scan_cuda", src, sources, build_dir, std, verbose)
+
+
+def build_extension(name: str, src: Path, sources, build_dir: Path, std: str, verbose: bool):
+    """Builds (or loads from build_dir's cache) the CUDA extension `name` from `sources`,
+    with `src` on the include path, for sm_90 (NVCC_FLAGS); returns it and the seconds."""
+    from torch.utils.cpp_extension import load
+
     os.environ.setdefault("MAX_JOBS", "16")
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"building selective_scan_cuda from {src} in {build_dir} "
+    print(f"building {name} from {src} in {build_dir} "
           f"(-std={std}, MAX_JOBS={os.environ['MAX_JOBS']})...", flush=True)
     t0 = time.perf_counter()
     module = load(
-        name="selective_scan_cuda",
-        sources=[str(src / n) for n in KERNEL_SOURCES] + [str(STUB)],
+        name=name,
+        sources=[str(s) for s in sources],
         extra_cflags=["-O3", f"-std={std}"],
         extra_cuda_cflags=NVCC_FLAGS + [f"-std={std}"],
         extra_include_paths=[str(src)],
@@ -216,7 +223,7 @@ def build_kernel(src: Path, build_dir: Path, std: str, verbose: bool):
         verbose=verbose,
     )
     build_s = time.perf_counter() - t0
-    print(f"build: {build_s:.1f} s", flush=True)
+    print(f"build {name}: {build_s:.1f} s", flush=True)
     return module, build_s
 
 

@@ -574,6 +574,25 @@ __device__ __forceinline__ void unpack(uint4 u, float* w) {
 #define STAGE_VEC 0
 #endif
 
+// store(c, load(c)) for c < nv over the block's threads, four loads per thread in flight
+// before the first store (T: a 16-byte vector, zero when value-initialised).
+template <typename T, typename Load, typename Store>
+__device__ __forceinline__ void copy_chunks(int nv, Load load, Store store) {
+    for (int i = threadIdx.x; i < nv; i += 4 * blockDim.x) {
+        T q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = i + j * blockDim.x;
+            q[j] = c < nv ? load(c) : T{};
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = i + j * blockDim.x;
+            if (c < nv) store(c, q[j]);
+        }
+    }
+}
+
 // Stages the B input rows of a decode matvec in shared memory as f32 (B*K floats), x in
 // the model dtype, row stride K. Every block stages the whole input before its first
 // product, so this is latency that every decode kernel pays.
@@ -581,25 +600,14 @@ __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K)
     const int n = B * K;
     if (STAGE_VEC && n % VEC == 0 && reinterpret_cast<unsigned long long>(x) % 16 == 0) {
         const uint4* xv = reinterpret_cast<const uint4*>(x);
-        const int nv = n / VEC;
-        for (int i = threadIdx.x; i < nv; i += 4 * blockDim.x) {
-            uint4 q[4];
+        copy_chunks<uint4>(
+            n / VEC, [&](int c) { return xv[c]; },
+            [&](int c, uint4 q) {
+                float w[8];
+                unpack(q, w);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = i + j * blockDim.x;
-                q[j] = c < nv ? xv[c] : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = i + j * blockDim.x;
-                if (c < nv) {
-                    float w[8];
-                    unpack(q[j], w);
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) xs[c * VEC + e] = w[e];
-                }
-            }
-        }
+                for (int e = 0; e < VEC; ++e) xs[c * VEC + e] = w[e];
+            });
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = ld(x[i]);
     }
@@ -624,20 +632,8 @@ __device__ void stage_norm(float* xs, const float* __restrict__ res, const elem*
     if (n % 4 == 0 && reinterpret_cast<unsigned long long>(res) % 16 == 0) {
         const float4* rv = reinterpret_cast<const float4*>(res);
         float4* xv = reinterpret_cast<float4*>(xs);
-        const int nv = n / 4;
-        for (int i = threadIdx.x; i < nv; i += 4 * blockDim.x) {
-            float4 q[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = i + j * blockDim.x;
-                q[j] = c < nv ? rv[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = i + j * blockDim.x;
-                if (c < nv) xv[c] = q[j];
-            }
-        }
+        copy_chunks<float4>(
+            n / 4, [&](int c) { return rv[c]; }, [&](int c, float4 q) { xv[c] = q; });
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = res[i];
     }
