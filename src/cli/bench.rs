@@ -181,10 +181,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "{:>8}  {:>10}  {:>12}  {:>10}",
         "length", "seconds", "tokens/s", "peak MiB"
     ))?;
-    crate::model::take_gpu_profile();
+    crate::model::take_gpu_profile()?;
     for &len in &lengths {
         let r = bench::time_prefill(&model, len, args.batch_size, None, args.repeats)?;
-        print_gpu_profile(&format!("{len} tokens"));
+        print_gpu_profile(&format!("{len} tokens"))?;
         println(&format!(
             "{len:>8}  {:>10.3}  {:>12.1}  {:>10}",
             r.s,
@@ -227,7 +227,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 Some(_) => "decimated".to_string(),
                 None => p.name().to_string(),
             };
-            print_gpu_profile(&format!("{len} tokens, {label}"));
+            print_gpu_profile(&format!("{len} tokens, {label}"))?;
             note_scope(&mut report, r.peak_rss);
             match &decimation {
                 Some(_) => report.prefill_decimated.insert(len, r),
@@ -237,9 +237,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if args.decode > 0 {
-        crate::model::take_gpu_profile();
+        crate::model::take_gpu_profile()?;
         let d = bench::time_decode(&model, 128, args.decode)?;
-        print_gpu_profile("decode (128-token prompt prefill included)");
+        print_gpu_profile("decode (128-token prompt prefill included)")?;
         println(&format!(
             "decode: {} tokens after a 128-token prompt: {:.3} s, {:.1} tokens/s ({:.1} GB/s of weights)",
             d.new_tokens, d.s, d.tok_per_s, d.weight_gb_per_s
@@ -324,10 +324,10 @@ fn mib(v: Option<f64>) -> String {
 
 /// Prints and clears the per-stage GPU times (only under DECIMAMBA_CUDA_PROFILE=1), each
 /// with the share of its time the roofline accounts for and the roof that sets it.
-fn print_gpu_profile(what: &str) {
-    let table = crate::model::take_gpu_profile();
+fn print_gpu_profile(what: &str) -> Result<()> {
+    let table = crate::model::take_gpu_profile()?;
     if table.is_empty() {
-        return;
+        return Ok(());
     }
     let total: f64 = table.iter().map(|e| e.secs).sum();
     eprintln!("GPU stages, {what} (all repeats, synchronised after each stage):");
@@ -352,4 +352,5 @@ fn print_gpu_profile(what: &str) {
             roof
         );
     }
+    Ok(())
 }

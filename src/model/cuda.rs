@@ -22,8 +22,8 @@
 //! are passed explicitly.
 
 use super::super::gpu_plan::{
-    conv_tile, decode_blocks, decode_fits, decode_split, scan_chunks, scan_chunks_for, vec_ok,
-    Work, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
+    conv_tile, decode_blocks, decode_fits, decode_split, env_number, scan_chunks, scan_chunks_for,
+    vec_ok, Work, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -647,13 +647,13 @@ fn scan_work(tokens: f64, d: usize, n: usize, elem_bytes: usize, output: bool) -
 
 /// `DECIMAMBA_SCAN_TARGET_THREADS`: the threads the scan's time chunks aim at, for tuning
 /// (default gpu_plan::SCAN_TARGET_THREADS).
-fn scan_target_threads() -> Option<usize> {
-    static TARGET: OnceLock<Option<usize>> = OnceLock::new();
-    *TARGET.get_or_init(|| {
-        std::env::var("DECIMAMBA_SCAN_TARGET_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+fn scan_target_threads() -> Result<Option<usize>> {
+    static TARGET: OnceLock<Result<Option<usize>, String>> = OnceLock::new();
+    let name = "DECIMAMBA_SCAN_TARGET_THREADS";
+    TARGET
+        .get_or_init(|| env_number(name, std::env::var(name).ok().as_deref()))
+        .clone()
+        .map_err(|e| anyhow!(e))
 }
 
 /// The selective scan with fused discretisation, softplus, the plan's Δ scale and
@@ -672,7 +672,7 @@ pub fn selective_scan(
 
     // Cut the time axis into chunks until the GPU is full (see the kernels' comment).
     let pairs = batch * d;
-    let (n_chunks, chunk_len) = match scan_target_threads() {
+    let (n_chunks, chunk_len) = match scan_target_threads()? {
         Some(target) => scan_chunks_for(batch, d, len, target),
         None => scan_chunks(batch, d, len),
     };
@@ -1249,7 +1249,7 @@ fn matvec_cfg(n: usize, batch: usize, k: usize, elem_bytes: usize) -> (LaunchCon
 /// time is added to a process-wide table (`decimamba bench` prints it). Off, it costs one
 /// branch per stage. The synchronisations make the total slower than an unprofiled run.
 pub mod profile {
-    use crate::model::gpu_plan::{device_peaks, Peaks, StageTime, Work};
+    use crate::model::gpu_plan::{device_peaks, env_number, Peaks, StageTime, Work};
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
     use candle_core::CudaDevice;
     use std::sync::{Mutex, OnceLock};
@@ -1266,7 +1266,7 @@ pub mod profile {
         stages: Vec::new(),
         last: None,
     });
-    static PEAKS: OnceLock<Option<Peaks>> = OnceLock::new();
+    static PEAKS: OnceLock<Result<Option<Peaks>, String>> = OnceLock::new();
 
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -1279,7 +1279,7 @@ pub mod profile {
     /// `DECIMAMBA_PEAK_GBPS` replacing what they name; on an architecture the table lacks,
     /// both are needed, and the f32 pipe and SFU are taken as sm_90's 1/16 and 1/256 of
     /// the tensor rate.
-    fn peaks_of(dev: &CudaDevice) -> Option<Peaks> {
+    fn peaks_of(dev: &CudaDevice) -> Result<Option<Peaks>, String> {
         let ctx = dev.cuda_stream().context().clone();
         let attr = |a| ctx.attribute(a).ok();
         let table = (|| {
@@ -1291,8 +1291,8 @@ pub mod profile {
                 attr(Attr::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?,
             )
         })();
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
-        let (tflops, gbps) = (env("DECIMAMBA_PEAK_TFLOPS"), env("DECIMAMBA_PEAK_GBPS"));
+        let env = |k: &str| env_number::<f64>(k, std::env::var(k).ok().as_deref());
+        let (tflops, gbps) = (env("DECIMAMBA_PEAK_TFLOPS")?, env("DECIMAMBA_PEAK_GBPS")?);
         let mut p = match (table, tflops, gbps) {
             (Some(p), _, _) => p,
             (None, Some(t), Some(g)) => Peaks {
@@ -1301,7 +1301,7 @@ pub mod profile {
                 exps: t * 1e12 / 256.0,
                 bytes: g * 1e9,
             },
-            _ => return None,
+            _ => return Ok(None),
         };
         if let Some(t) = tflops {
             p.tensor_flops = t * 1e12;
@@ -1309,7 +1309,7 @@ pub mod profile {
         if let Some(g) = gbps {
             p.bytes = g * 1e9;
         }
-        Some(p)
+        Ok(Some(p))
     }
 
     /// Stage timing on one device.
@@ -1395,9 +1395,13 @@ pub mod profile {
     }
 
     /// The table so far, each stage with its roofline time where the peaks are known,
-    /// and clears it.
-    pub fn take() -> Vec<StageTime> {
-        let peaks = PEAKS.get().copied().flatten();
+    /// and clears it; an error when a peak variable is not a number.
+    pub fn take() -> anyhow::Result<Vec<StageTime>> {
+        let peaks = match PEAKS.get() {
+            Some(Err(e)) => anyhow::bail!("{e}"),
+            Some(Ok(p)) => *p,
+            None => None,
+        };
         let mut stages = TABLE
             .lock()
             .map(|mut t| {
@@ -1408,7 +1412,7 @@ pub mod profile {
         for s in &mut stages {
             s.roofline = peaks.map(|p| s.work.roofline(&p)).filter(|r| r.0 > 0.0);
         }
-        stages
+        Ok(stages)
     }
 }
 

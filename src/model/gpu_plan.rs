@@ -206,6 +206,22 @@ pub struct StageTime {
     pub roofline: Option<(f64, &'static str)>,
 }
 
+/// A tuning variable's value: `None` when unset, an error naming the variable when it is
+/// not a number of type `T`.
+pub fn env_number<T: std::str::FromStr>(
+    name: &str,
+    value: Option<&str>,
+) -> Result<Option<T>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{name}={v:?} is not a valid number")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +342,20 @@ mod tests {
         };
         assert_eq!((e + Work::bytes(1.0)).roofline(&p).1, "sfu");
         assert_eq!(Work::default().roofline(&p), (0.0, "-"));
+    }
+
+    #[test]
+    fn tuning_variables_parse_or_name_themselves() {
+        assert_eq!(env_number::<usize>("X", None), Ok(None));
+        assert_eq!(env_number::<usize>("X", Some("262144")), Ok(Some(262_144)));
+        assert_eq!(env_number::<f64>("P", Some(" 4800 ")), Ok(Some(4800.0)));
+        let e = env_number::<usize>("DECIMAMBA_SCAN_TARGET_THREADS", Some("lots")).unwrap_err();
+        assert_eq!(
+            e,
+            "DECIMAMBA_SCAN_TARGET_THREADS=\"lots\" is not a valid number"
+        );
+        assert!(env_number::<usize>("X", Some("-1")).is_err());
+        assert!(env_number::<f64>("X", Some("")).is_err());
     }
 
     #[test]

@@ -840,12 +840,12 @@ pub fn select_top_k_on_device(
 
 /// Per-stage GPU prefill times gathered under `DECIMAMBA_CUDA_PROFILE=1` (stage, total
 /// seconds, calls, work and roofline), cleared by the call. Empty without the `cuda`
-/// feature or profiling.
-pub fn take_gpu_profile() -> Vec<super::gpu_plan::StageTime> {
+/// feature or profiling; an error when `DECIMAMBA_PEAK_TFLOPS`/`_GBPS` is not a number.
+pub fn take_gpu_profile() -> Result<Vec<super::gpu_plan::StageTime>> {
     #[cfg(feature = "cuda")]
     return cuda::profile::take();
     #[cfg(not(feature = "cuda"))]
-    Vec::new()
+    Ok(Vec::new())
 }
 
 /// (free, total) memory of a CUDA device in bytes (`None` on other devices or builds).
