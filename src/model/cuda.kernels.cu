@@ -568,10 +568,10 @@ __device__ __forceinline__ void unpack(uint4 u, float* w) {
 }
 
 // 1: the decode matvecs stage their input with 16-byte loads, four per thread in flight
-// (not yet run on a GPU: scripts/gpu-tune.sh times and tests it with -DSTAGE_VEC=1);
-// 0: one scalar load per thread and step.
+// (2.8b decode 203 → 245 tokens/s on an H100, docs/gpu-benchmarks.md); 0: one scalar
+// load per thread and step.
 #ifndef STAGE_VEC
-#define STAGE_VEC 0
+#define STAGE_VEC 1
 #endif
 
 // store(c, load(c)) for c < nv over the block's threads, four loads per thread in flight
