@@ -9,8 +9,8 @@
 # DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
 # -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
-# TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
-# current kernels (prefill at TUNE_LENGTHS, default 32k, and decode). Writes $OUT/tune.md (one line per run) and the
+# TUNE_SET=decode: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
+# current kernels (prefill at TUNE_LENGTHS, default 32k, and decode), then the decode profiles. Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +74,41 @@ if [[ ${TUNE_SET:-all} == base ]]; then
         one "$shape" 200 X=1 -- $D
         one "$shape-nopdl" 200 DECIMAMBA_CUDA_PDL=0 -- $D
         one "$shape-stagevec" 200 DECIMAMBA_NVRTC_FLAGS=-DSTAGE_VEC=1 -- $D
+        # The per-kernel decode profile (CUDA events, graphs off): where a token's time goes.
+        P="--shape $shape --lengths 2k --decode 64"
+        one "$shape-profile" 120 DECIMAMBA_CUDA_PROFILE=1 -- $P
+        one "$shape-profile-stagevec" 120 DECIMAMBA_CUDA_PROFILE=1 DECIMAMBA_NVRTC_FLAGS=-DSTAGE_VEC=1 -- $P
+    done
+    exit $status
+fi
+# TUNE_SET=decode: the persistent decode step against the per-stage kernels
+# (DECIMAMBA_DECODE_PERSISTENT=0) and .gpu/prev.cu (the previous kernel source, per stage,
+# run with TUNE_PREV_FLAGS), under block caps and load depths, then both profiles;
+# TUNE_DECODE_RUNS names a subset (default all of those below).
+if [[ ${TUNE_SET:-all} == decode ]]; then
+    STAGED=DECIMAMBA_DECODE_PERSISTENT=0 PERSIST=DECIMAMBA_DECODE_PERSISTENT=1
+    PREV="DECIMAMBA_CUDA_SOURCE=.gpu/prev.cu $STAGED DECIMAMBA_NVRTC_FLAGS=${TUNE_PREV_FLAGS:-}"
+    RUNS=${TUNE_DECODE_RUNS:-prev staged staged-cap3 staged-pipeline persistent persistent-pipeline persistent-1sm persistent-unroll2 persistent-unroll8 profile profile-staged}
+    for shape in 130m 2.8b; do
+        D="--shape $shape --lengths 2k --decode 256"
+        P="--shape $shape --lengths 2k --decode 64"
+        for run in $RUNS; do
+            case $run in
+            prev) [[ -f .gpu/prev.cu ]] && one "$shape-prev" 100 $PREV -- $D ;;
+            staged) one "$shape-staged" 100 $STAGED -- $D ;;
+            staged-cap3) one "$shape-staged-cap3" 100 $STAGED DECIMAMBA_DECODE_BLOCKS_PER_SM=3 -- $D ;;
+            persistent) one "$shape-persistent" 100 $PERSIST -- $D ;;
+            staged-pipeline) one "$shape-staged-pipeline" 100 $STAGED DECIMAMBA_NVRTC_FLAGS=-DMATVEC_PIPELINE=1 -- $D ;;
+            persistent-pipeline) one "$shape-persistent-pipeline" 100 $PERSIST DECIMAMBA_NVRTC_FLAGS=-DMATVEC_PIPELINE=1 -- $D ;;
+            persistent-1sm) one "$shape-persistent-1sm" 100 $PERSIST DECIMAMBA_DECODE_BLOCKS_PER_SM=1 -- $D ;;
+            persistent-unroll2) one "$shape-persistent-unroll2" 100 $PERSIST DECIMAMBA_NVRTC_FLAGS=-DMATVEC_UNROLL=2 -- $D ;;
+            persistent-unroll8) one "$shape-persistent-unroll8" 100 $PERSIST \
+                "DECIMAMBA_NVRTC_FLAGS=-DMATVEC_UNROLL=8 -DPERSIST_MIN_BLOCKS=1" -- $D ;;
+            profile) one "$shape-profile" 100 $PERSIST DECIMAMBA_CUDA_PROFILE=1 -- $P ;;
+            profile-staged) one "$shape-profile-staged" 100 $STAGED DECIMAMBA_CUDA_PROFILE=1 -- $P ;;
+            *) echo "gpu-tune: unknown TUNE_DECODE_RUNS entry $run" >&2; exit 2 ;;
+            esac
+        done
     done
     exit $status
 fi

@@ -193,6 +193,72 @@ fn wide_batch_decode_uses_the_general_path_and_agrees() {
     }
 }
 
+/// The persistent decode step (one cooperative launch per token) computes exactly what the
+/// per-stage kernels do: the same rows, the same order of sums, so bit-identical logits
+/// over many steps, for every norm, dtype and batch width the fused step takes.
+#[test]
+fn persistent_decode_is_bit_identical_to_the_per_stage_kernels() {
+    let gpu = cuda();
+    let run = |model: &MambaModel, rows: &[Vec<u32>], prompt: usize, steps: usize, on: bool| {
+        decimamba::model::set_persistent_decode(Some(on));
+        let head: Vec<Vec<u32>> = rows.iter().map(|r| r[..prompt].to_vec()).collect();
+        let mut state = model.new_state(rows.len());
+        model
+            .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
+            .unwrap();
+        let mut out = Vec::new();
+        for pos in 0..steps {
+            let step_ids: Vec<u32> = rows.iter().map(|r| r[(prompt + pos) % r.len()]).collect();
+            out.push(model.step(&step_ids, &mut state).unwrap().values());
+        }
+        decimamba::model::set_persistent_decode(None);
+        out
+    };
+    let same = |what: &str, a: &[Vec<f32>], b: &[Vec<f32>]| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(x) == bits(y),
+                "{what}: step {i} differs by {}",
+                max_diff(x, y)
+            );
+        }
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (dir, fixture) in [
+            ("tiny-rms-hf", "tiny-rms.logits.json"),
+            ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
+            ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
+        ] {
+            let model = load(dir, &gpu, dtype);
+            let ids = ids_of(&json(fixture)["input_ids"]);
+            let (a, b) = (
+                run(&model, &ids, 4, 6, true),
+                run(&model, &ids, 4, 6, false),
+            );
+            same(&format!("{dir} {dtype:?}"), &a, &b);
+        }
+    }
+    let cfg = MambaConfig::of_shape("130m").unwrap();
+    for dtype in [DType::BF16, DType::F32] {
+        let model = random_model(&cfg, dtype, &gpu, 0).unwrap();
+        for batch in [1usize, 3] {
+            let rows: Vec<Vec<u32>> = (0..batch)
+                .map(|b| {
+                    (0..40)
+                        .map(|i| ((i * 7919 + 13 * b + 1) % 50_000) as u32)
+                        .collect()
+                })
+                .collect();
+            let (a, b) = (
+                run(&model, &rows, 24, 16, true),
+                run(&model, &rows, 24, 16, false),
+            );
+            same(&format!("130m {dtype:?} batch {batch}"), &a, &b);
+        }
+    }
+}
+
 /// A cloned state is independent: decoding from the clone leaves the original as it was.
 #[test]
 fn cloned_device_state_is_independent() {

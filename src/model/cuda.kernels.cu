@@ -593,15 +593,56 @@ __device__ __forceinline__ void copy_chunks(int nv, Load load, Store store) {
     }
 }
 
+// Loads of activations that another block of the same launch may have written: with CG
+// (the persistent decode step) they go to L2 (ld.global.cg), as L1 and the read-only
+// cache are not kept coherent within a launch; without it, plain loads.
+template <bool CG>
+__device__ __forceinline__ uint4 ld_u4(const uint4* p) {
+    if (!CG) return *p;
+    uint4 v;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+template <bool CG>
+__device__ __forceinline__ float4 ld_f4(const float4* p) {
+    if (!CG) return *p;
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+template <bool CG>
+__device__ __forceinline__ float ld_f(const float* p) {
+    if (!CG) return *p;
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+template <bool CG>
+__device__ __forceinline__ float ld_e(const elem* p) {
+    if (!CG) return ld(*p);
+#if ELEM == 0
+    return ld_f<true>(p);
+#else
+    unsigned short v;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return ld((elem)v);
+#endif
+}
+
 // Stages the B input rows of a decode matvec in shared memory as f32 (B*K floats), x in
 // the model dtype, row stride K. Every block stages the whole input before its first
 // product, so this is latency that every decode kernel pays.
+template <bool CG = false>
 __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K) {
     const int n = B * K;
     if (STAGE_VEC && n % VEC == 0 && reinterpret_cast<unsigned long long>(x) % 16 == 0) {
         const uint4* xv = reinterpret_cast<const uint4*>(x);
         copy_chunks<uint4>(
-            n / VEC, [&](int c) { return xv[c]; },
+            n / VEC, [&](int c) { return ld_u4<CG>(xv + c); },
             [&](int c, uint4 q) {
                 float w[8];
                 unpack(q, w);
@@ -609,7 +650,7 @@ __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K)
                 for (int e = 0; e < VEC; ++e) xs[c * VEC + e] = w[e];
             });
     } else {
-        for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = ld(x[i]);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = ld_e<CG>(x + i);
     }
 }
 
@@ -617,14 +658,15 @@ __device__ void stage_plain(float* xs, const elem* __restrict__ x, int B, int K)
 // copied in 16-byte loads, then normalised in place (each thread owns the same elements in
 // the statistics and the update, as norm_stats sums them, so the result is the same as
 // reading the residual directly).
+template <bool CG = false>
 __device__ void stage_norm(float* xs, const float* __restrict__ res, const elem* __restrict__ nw,
                            const elem* __restrict__ nb, float eps, int B, int K, float* sh) {
     if (!STAGE_VEC) {
         for (int b = 0; b < B; ++b) {
             const float* r = res + (i64)b * K;
-            const float2 s = norm_stats([&](int i) { return r[i]; }, K, eps, nb != 0, sh);
+            const float2 s = norm_stats([&](int i) { return ld_f<CG>(r + i); }, K, eps, nb != 0, sh);
             for (int i = threadIdx.x; i < K; i += blockDim.x)
-                xs[b * K + i] = norm_apply(r[i], s, nw, nb, i);
+                xs[b * K + i] = norm_apply(ld_f<CG>(r + i), s, nw, nb, i);
         }
         return;
     }
@@ -633,9 +675,9 @@ __device__ void stage_norm(float* xs, const float* __restrict__ res, const elem*
         const float4* rv = reinterpret_cast<const float4*>(res);
         float4* xv = reinterpret_cast<float4*>(xs);
         copy_chunks<float4>(
-            n / 4, [&](int c) { return rv[c]; }, [&](int c, float4 q) { xv[c] = q; });
+            n / 4, [&](int c) { return ld_f4<CG>(rv + c); }, [&](int c, float4 q) { xv[c] = q; });
     } else {
-        for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = res[i];
+        for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = ld_f<CG>(res + i);
     }
     __syncthreads();
     for (int b = 0; b < B; ++b) {
@@ -680,6 +722,12 @@ __device__ __forceinline__ void conv_step(const ConvStep& c, int b, int d, float
 #define MATVEC_MIN_BLOCKS 3
 #endif
 #define MATVEC_BOUNDS __launch_bounds__(256, MATVEC_MIN_BLOCKS)
+// 1: a lane's next group of weight loads is issued before the current one is multiplied,
+// across row ends too (not yet run on a GPU; scripts/gpu-tune.sh times it); 0: each group
+// is loaded, then multiplied.
+#ifndef MATVEC_PIPELINE
+#define MATVEC_PIPELINE 0
+#endif
 
 // Programmatic dependent launch (sm_90+): a decode kernel launched with the attribute may
 // start while the kernel before it finishes; griddep_wait() returns once that kernel has
@@ -759,7 +807,7 @@ __device__ __forceinline__ void fma_chunk(float* acc, const float* w, const floa
 //   OUT = 2: added to the f32 residual in place (rounded when round_res);
 //   OUT = 3: stored in the model dtype, and rows n < conv.D run the conv step.
 // `pre` holds the lane's first loads (first_loads).
-template <int OUT>
+template <int OUT, bool CG = false>
 __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
                             const elem* __restrict__ bias, void* __restrict__ yout, int B, int K,
                             int N, int vec_ok, int split, int round_res, const uint4* pre,
@@ -768,6 +816,9 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const MatvecSlice sl = matvec_slice(K, vec_ok, split);
     const int rows = sl.rows, slot = sl.slot, rloc = sl.rloc, u0 = sl.u0, u1 = sl.u1;
+    uint4 q[MATVEC_UNROLL];  // MATVEC_PIPELINE: the lane's current group of weight loads
+#pragma unroll
+    for (int j = 0; j < MATVEC_UNROLL; ++j) q[j] = pre[j];
     // n0 is the same for the whole block, so every thread meets the barriers.
     for (int n0 = blockIdx.x * rows; n0 < N; n0 += gridDim.x * rows) {
         const int n = n0 + rloc;
@@ -776,21 +827,47 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
         for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
         if (n < N) {
             const elem* wr = W + (i64)n * K;
-            if (vec_ok) {
+            if (vec_ok && MATVEC_PIPELINE) {
+                // While one group of loads is multiplied the next is in flight, whether it
+                // lies in this row or in the warp's next one (n + stride), so the stream of
+                // weight loads does not drain at row ends.
+                const int stride = gridDim.x * rows;
+                for (int u = u0 + lane; u < u1; u += 32 * MATVEC_UNROLL) {
+                    const bool same = u + 32 * MATVEC_UNROLL < u1;
+                    const int nn = same ? n : n + stride;
+                    const int ub = same ? u + 32 * MATVEC_UNROLL : u0 + lane;
+                    const uint4* wn = reinterpret_cast<const uint4*>(W + (i64)nn * K);
+                    uint4 next[MATVEC_UNROLL];
+#pragma unroll
+                    for (int j = 0; j < MATVEC_UNROLL; ++j)
+                        next[j] = nn < N && ub + 32 * j < u1 ? __ldg(wn + ub + 32 * j)
+                                                             : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int j = 0; j < MATVEC_UNROLL; ++j) {
+                        if (u + 32 * j < u1) {
+                            float w[8];
+                            unpack(q[j], w);
+                            fma_chunk(acc, w, xs, B, K, (u + 32 * j) * VEC);
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < MATVEC_UNROLL; ++j) q[j] = next[j];
+                }
+            } else if (vec_ok) {
                 const uint4* wv = reinterpret_cast<const uint4*>(wr);
                 for (int u = u0 + lane; u < u1; u += 32 * MATVEC_UNROLL) {
                     const bool first = n0 == (int)blockIdx.x * rows && u == u0 + lane;
-                    uint4 q[MATVEC_UNROLL];
+                    uint4 g[MATVEC_UNROLL];
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j)
-                        q[j] = first            ? pre[j]
+                        g[j] = first            ? pre[j]
                                : u + 32 * j < u1 ? __ldg(wv + u + 32 * j)
                                                  : make_uint4(0, 0, 0, 0);
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j) {
                         if (u + 32 * j < u1) {
                             float w[8];
-                            unpack(q[j], w);
+                            unpack(g[j], w);
                             fma_chunk(acc, w, xs, B, K, (u + 32 * j) * VEC);
                         }
                     }
@@ -830,7 +907,7 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
                 } else if (OUT == 1) {
                     ((float*)yout)[o] = v;
                 } else {
-                    float r = ((float*)yout)[o] + v;
+                    float r = ld_f<CG>((const float*)yout + o) + v;
                     ((float*)yout)[o] = round_res ? rnd(r) : r;
                 }
             }
@@ -916,10 +993,43 @@ extern "C" __global__ void embed_rows(const elem* __restrict__ emb, const unsign
     res[i] = ld(emb[(i64)ids[b] * D + d]);
 }
 
-// One scan step per (b, d), a warp each (lane n owns states n, n+32, ...; the loads of
+// One scan step of (b, d) = i by one warp (lane n owns states n, n+32, ...; the loads of
 // the state, B, C and dt_proj's row are coalesced): dt = dt_w[d, :] · dbc[b, :R] (rounded
 // like the GEMM's output), Δ = softplus(dt + bias), the recurrence on x_t (from
 // matvec_norm_conv) and the gate z; h ([B, D, NSTATE]) is updated in place.
+template <bool CG = false>
+__device__ __forceinline__ void scan_step_warp(int i, int lane, const elem* __restrict__ x,
+                                               const elem* __restrict__ xz, int xz_rs,
+                                               const elem* __restrict__ dbc, int dbc_rs, int R,
+                                               const elem* __restrict__ dt_w,
+                                               const float* __restrict__ dt_bias,
+                                               const float* __restrict__ A,
+                                               const float* __restrict__ Dskip,
+                                               float* __restrict__ h, elem* __restrict__ y, int D) {
+    const int b = i / D, d = i % D;
+    const float xv = ld_e<CG>(x + i);
+    const elem* row = dbc + (i64)b * dbc_rs;
+    const elem* w = dt_w + (i64)d * R;
+    float dt = 0.0f;
+    for (int r = lane; r < R; r += 32) dt += ld(w[r]) * ld_e<CG>(row + r);
+    dt = warp_sum(dt);
+    const float delta = softplus_f(rnd(dt) + dt_bias[d]);
+    const float dx = delta * xv;
+    float* hs = h + (i64)i * NSTATE;
+    float acc = 0.0f;
+    for (int n = lane; n < NSTATE; n += 32) {
+        const float hn = fast_exp2(delta * (A[(i64)d * NSTATE + n] * LOG2E)) * hs[n] +
+                         dx * ld_e<CG>(row + R + n);
+        hs[n] = hn;
+        acc += hn * ld_e<CG>(row + R + NSTATE + n);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const float zv = ld_e<CG>(xz + (i64)b * xz_rs + D + d);
+        y[i] = st((acc + Dskip[d] * xv) * silu_f(zv));
+    }
+}
+
 extern "C" __global__ void scan_step(const elem* __restrict__ x, const elem* __restrict__ xz,
                                      int xz_rs, const elem* __restrict__ dbc, int dbc_rs, int R,
                                      const elem* __restrict__ dt_w,
@@ -929,27 +1039,120 @@ extern "C" __global__ void scan_step(const elem* __restrict__ x, const elem* __r
     griddep_wait();
     griddep_launch_dependents();
     const int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (b, d) of this warp
-    const int lane = threadIdx.x & 31;
     if (i >= B * D) return;
-    const int b = i / D, d = i % D;
-    const float xv = ld(x[i]);
-    const elem* row = dbc + (i64)b * dbc_rs;
-    const elem* w = dt_w + (i64)d * R;
-    float dt = 0.0f;
-    for (int r = lane; r < R; r += 32) dt += ld(w[r]) * ld(row[r]);
-    dt = warp_sum(dt);
-    const float delta = softplus_f(rnd(dt) + dt_bias[d]);
-    const float dx = delta * xv;
-    float* hs = h + (i64)i * NSTATE;
-    float acc = 0.0f;
-    for (int n = lane; n < NSTATE; n += 32) {
-        const float hn = fast_exp2(delta * (A[(i64)d * NSTATE + n] * LOG2E)) * hs[n] + dx * ld(row[R + n]);
-        hs[n] = hn;
-        acc += hn * ld(row[R + NSTATE + n]);
+    scan_step_warp(i, threadIdx.x & 31, x, xz, xz_rs, dbc, dbc_rs, R, dt_w, dt_bias, A, Dskip, h,
+                   y, D);
+}
+
+// ---------------------------------------------------------------------------------------
+// The persistent decode step: the whole token (embedding, every layer's four stages, the
+// final norm and LM head) in one cooperative launch whose blocks are all resident, the
+// stages separated by grid barriers instead of kernel boundaries. Each stage runs the same
+// device functions as the per-stage kernels above, on the same rows and in the same order
+// of sums, so the logits are bit-identical; only the rows' assignment to blocks differs.
+// Between arriving at a barrier and waiting on it a block issues its first weight loads
+// of the next stage (weights are never written), as the dependent launches do.
+
+// One layer's tensors (host: cuda.rs, DecodeLayerTable; sixteen 8-byte fields).
+struct DecodeLayer {
+    const elem* norm_w;
+    const elem* norm_b;  // 0: RMSNorm
+    const elem* in_w;
+    const elem* in_b;
+    const elem* x_w;
+    const elem* dt_w;
+    const float* dt_b;
+    const float* A;
+    const float* Dskip;
+    const elem* out_w;
+    const elem* out_b;
+    const float* conv_wt;
+    const float* conv_b;
+    float* conv_state;
+    float* ssm;
+    i64 vec;  // bit 0: in_proj, 1: x_proj, 2: out_proj read 16 bytes at a time
+};
+
+// Grid barrier k of the step completes when every block has arrived k times (`count` is
+// zeroed before the launch). The fence before the arrival publishes the block's writes
+// (its threads' stores are ordered before thread 0's by the __syncthreads); the acquire
+// load and fence order the block's later loads after every other block's writes.
+__device__ __forceinline__ void grid_arrive(unsigned* count) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(count, 1u);
     }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-        const float zv = ld(xz[(i64)b * xz_rs + D + d]);
-        y[i] = st((acc + Dskip[d] * xv) * silu_f(zv));
+}
+__device__ __forceinline__ void grid_wait(const unsigned* count, unsigned target) {
+    if (threadIdx.x == 0) {
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+        } while (v < target);
+        __threadfence();
     }
+    __syncthreads();
+}
+
+// Blocks of 256 threads per SM the persistent step's registers must allow (at 3 it
+// spills).
+#ifndef PERSIST_MIN_BLOCKS
+#define PERSIST_MIN_BLOCKS 2
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, PERSIST_MIN_BLOCKS) decode_persistent(
+    const DecodeLayer* __restrict__ layers, int n_layer, const elem* __restrict__ emb,
+    const unsigned* __restrict__ ids, const elem* __restrict__ normf_w,
+    const elem* __restrict__ normf_b, const elem* __restrict__ head, int head_vec, float eps,
+    int round_res, float* res, elem* xz, elem* xc, elem* dbc, elem* y, float* logits, int B,
+    int d_model, int d_inner, int xw, int R, int vocab, int in_split, int x_split, int out_split,
+    int head_split, unsigned* barrier) {
+    __shared__ float sh[32];
+    float* xs = staged;
+    const unsigned blocks = gridDim.x;
+    unsigned target = 0;
+    const int lane = threadIdx.x & 31;
+    uint4 pre[MATVEC_UNROLL];
+    // Ends a stage: arrive, issue the next stage's first loads of W (rows of K, N of them,
+    // `split` warps a row), wait for every block.
+    auto next_stage = [&](const elem* W, int K, int N, int vec_ok, int split) {
+        grid_arrive(barrier);
+        first_loads(pre, W, K, N, vec_ok, split);
+        target += blocks;
+        grid_wait(barrier, target);
+    };
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < B * d_model; i += blocks * blockDim.x)
+        res[i] = ld(emb[(i64)ids[i / d_model] * d_model + i % d_model]);
+    for (int l = 0; l < n_layer; ++l) {
+        const DecodeLayer L = layers[l];
+        const int vin = L.vec & 1, vx = (L.vec >> 1) & 1, vo = (L.vec >> 2) & 1;
+        next_stage(L.in_w, d_model, 2 * d_inner, vin, in_split);
+        stage_norm<true>(xs, res, L.norm_w, L.norm_b, eps, B, d_model, sh);
+        __syncthreads();
+        const ConvStep conv{L.conv_state, L.conv_wt, L.conv_b, xc, d_inner};
+        matvec_rows<3, true>(xs, L.in_w, L.in_b, xz, B, d_model, 2 * d_inner, vin, in_split,
+                             round_res, pre, conv);
+        next_stage(L.x_w, d_inner, xw, vx, x_split);
+        stage_plain<true>(xs, xc, B, d_inner);
+        __syncthreads();
+        matvec_rows<0, true>(xs, L.x_w, nullptr, dbc, B, d_inner, xw, vx, x_split, 0, pre);
+        grid_arrive(barrier);
+        target += blocks;
+        grid_wait(barrier, target);
+        for (int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; i < B * d_inner;
+             i += blocks * (blockDim.x >> 5))
+            scan_step_warp<true>(i, lane, xc, xz, 2 * d_inner, dbc, xw, R, L.dt_w, L.dt_b, L.A,
+                                 L.Dskip, L.ssm, y, d_inner);
+        next_stage(L.out_w, d_inner, d_model, vo, out_split);
+        stage_plain<true>(xs, y, B, d_inner);
+        __syncthreads();
+        matvec_rows<2, true>(xs, L.out_w, L.out_b, res, B, d_inner, d_model, vo, out_split,
+                             round_res, pre);
+    }
+    next_stage(head, d_model, vocab, head_vec, head_split);
+    stage_norm<true>(xs, res, normf_w, normf_b, eps, B, d_model, sh);
+    __syncthreads();
+    matvec_rows<1, true>(xs, head, nullptr, logits, B, d_model, vocab, head_vec, head_split,
+                         round_res, pre);
 }

@@ -23,11 +23,11 @@
 
 use super::super::gpu_plan::{
     conv_tile, decode_blocks, decode_fits, decode_split, env_number, scan_chunks, scan_chunks_for,
-    vec_ok, Work, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
+    vec_ok, Work, DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
@@ -37,7 +37,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Shape, Storage, Tensor};
 use half::{bf16, f16};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 const SOURCE: &str = include_str!("cuda.kernels.cu");
@@ -268,6 +268,26 @@ fn pdl_enabled(dev: &CudaDevice) -> bool {
     })
 }
 
+/// The most blocks a decode matvec launches: the device's SMs times
+/// `DECIMAMBA_DECODE_BLOCKS_PER_SM` (default gpu_plan::DECODE_BLOCKS_PER_SM; 0: one block
+/// per group of rows, however many).
+fn decode_max_blocks(dev: &CudaDevice) -> Result<usize> {
+    static MAX: OnceLock<Result<usize, String>> = OnceLock::new();
+    MAX.get_or_init(|| {
+        let name = "DECIMAMBA_DECODE_BLOCKS_PER_SM";
+        let per_sm = env_number::<usize>(name, std::env::var(name).ok().as_deref())?
+            .unwrap_or(DECODE_BLOCKS_PER_SM);
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| format!("reading the device's SM count: {e}"))?;
+        Ok(per_sm * sms.max(1) as usize)
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
 /// Launches `func` on the device's stream allowing it to overlap the kernel before it
 /// (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION).
 ///
@@ -281,12 +301,33 @@ unsafe fn launch_dependent(
     cfg: LaunchConfig,
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { launch_ex(dev, func, cfg, params, false) }
+}
+
+/// `cuLaunchKernelEx` with one attribute: programmatic stream serialization, or
+/// cooperative (every block resident at once, or the launch fails) when `cooperative`.
+///
+/// # Safety
+/// As [`launch_dependent`]; a cooperative kernel may wait on other blocks of its grid.
+unsafe fn launch_ex(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+    cooperative: bool,
+) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     // SAFETY: a zeroed attribute is a valid value of the plain C struct; its id and the
     // union member for that id are set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    if cooperative {
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attr.value.cooperative = 1;
+    } else {
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -840,6 +881,9 @@ struct DecodeBuffers {
     dbc: CudaSlice<u8>,
     y: CudaSlice<u8>,
     logits: CudaSlice<f32>,
+    /// The persistent step's layer table (LayerPtrs::table_row) and its barrier count.
+    layer_table: CudaSlice<u64>,
+    barrier: CudaSlice<u32>,
 }
 
 /// Device addresses of [`DecodeBuffers`].
@@ -851,12 +895,20 @@ struct DecodePtrs {
     dbc: u64,
     y: u64,
     logits: u64,
+    layer_table: u64,
+    barrier: u64,
 }
 
 impl DecodeBuffers {
-    fn new(dev: &CudaDevice, d: &DecodeDims, dtype: DType) -> Result<Self> {
-        let e = dtype.size_in_bytes();
+    fn new(dev: &CudaDevice, m: &DecodeModel, d: &DecodeDims) -> Result<Self> {
+        let e = m.dtype.size_in_bytes();
         let b = d.batch;
+        let mut table = Vec::with_capacity(16 * m.layers.len());
+        for l in &m.layers {
+            table.extend(LayerPtrs::of(l, m.dtype)?.table_row(d, e));
+        }
+        let layer_table = dev.cuda_stream().clone_htod(&table)?;
+        let barrier = dev.cuda_stream().alloc_zeros::<u32>(1)?;
         // SAFETY: each kernel of a step writes its output buffer before the next reads it
         // (embed_rows the residual, in_proj xz, ...); ids are copied in before the step.
         unsafe {
@@ -868,6 +920,8 @@ impl DecodeBuffers {
                 dbc: dev.alloc::<u8>(b * d.xw * e)?,
                 y: dev.alloc::<u8>(b * d.d_inner * e)?,
                 logits: dev.alloc::<f32>(b * d.vocab)?,
+                layer_table,
+                barrier,
             })
         }
     }
@@ -882,6 +936,8 @@ impl DecodeBuffers {
             dbc: self.dbc.device_ptr(&s).0,
             y: self.y.device_ptr(&s).0,
             logits: self.logits.device_ptr(&s).0,
+            layer_table: self.layer_table.device_ptr(&s).0,
+            barrier: self.barrier.device_ptr(&s).0,
         };
         ptrs
     }
@@ -946,7 +1002,7 @@ pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) ->
     };
     // Profiling times each kernel with events, which a graph replay would not show.
     if let Some(cache) = cache.filter(|_| graphs_enabled() && !profile::enabled()) {
-        let mut key = vec![dims.batch as u64];
+        let mut key = vec![dims.batch as u64, persistent_decode() as u64];
         for l in &m.layers {
             key.push(dptr(l.conv, DType::F32, "conv state")?);
             key.push(dptr(l.ssm, DType::F32, "ssm state")?);
@@ -964,7 +1020,7 @@ pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) ->
             return logits_of(&g.bufs.logits);
         }
     }
-    let mut bufs = DecodeBuffers::new(&dev, &dims, m.dtype)?;
+    let mut bufs = DecodeBuffers::new(&dev, m, &dims)?;
     stream.memcpy_htod(ids, &mut bufs.ids)?;
     let mut timer = match profile::enabled() {
         true => Some(StepTimer::new(&dev)?),
@@ -985,7 +1041,7 @@ fn capture(
     dims: &DecodeDims,
     key: Vec<u64>,
 ) -> Result<Option<DecodeGraph>> {
-    let bufs = DecodeBuffers::new(dev, dims, m.dtype)?;
+    let bufs = DecodeBuffers::new(dev, m, dims)?;
     let first = m
         .layers
         .first()
@@ -1001,7 +1057,12 @@ fn capture(
     }
     let launched = enqueue_step(m, dev, dims, &bufs.ptrs(dev), &mut None);
     let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-    launched?;
+    if launched.is_err() {
+        // A launch the capture refused (or a real error, which the direct launch that
+        // follows reports).
+        GRAPHS_OFF.store(true, Ordering::Relaxed);
+        return Ok(None);
+    }
     match graph {
         Ok(Some(graph)) => {
             graph.upload()?;
@@ -1067,6 +1128,75 @@ fn matvec_work(n: usize, k: usize, batch: usize, elem_bytes: usize) -> Work {
     }
 }
 
+/// Device addresses of one layer's decode tensors.
+struct LayerPtrs {
+    norm_w: u64,
+    norm_b: u64,
+    in_w: u64,
+    in_b: u64,
+    x_w: u64,
+    dt_w: u64,
+    dt_b: u64,
+    a: u64,
+    d_skip: u64,
+    out_w: u64,
+    out_b: u64,
+    conv_wt: u64,
+    conv_b: u64,
+    conv_state: u64,
+    ssm: u64,
+}
+
+impl LayerPtrs {
+    fn of(l: &DecodeLayer, et: DType) -> Result<Self> {
+        let p = l.params;
+        let (norm_w, norm_b) = l.norm.ptrs(et)?;
+        Ok(Self {
+            norm_w,
+            norm_b,
+            in_w: dptr(l.in_proj.0, et, "in_proj")?,
+            in_b: opt_ptr(l.in_proj.1, et, "in_proj bias")?,
+            x_w: dptr(l.x_proj, et, "x_proj")?,
+            dt_w: dptr(l.dt_proj, et, "dt_proj")?,
+            dt_b: dptr(&p.dt_bias, DType::F32, "dt bias")?,
+            a: dptr(&p.a, DType::F32, "A")?,
+            d_skip: dptr(&p.d_skip, DType::F32, "D")?,
+            out_w: dptr(l.out_proj.0, et, "out_proj")?,
+            out_b: opt_ptr(l.out_proj.1, et, "out_proj bias")?,
+            conv_wt: dptr(&p.conv_weight_t, DType::F32, "conv weight")?,
+            conv_b: dptr(&p.conv_bias, DType::F32, "conv bias")?,
+            conv_state: dptr(l.conv, DType::F32, "conv state")?,
+            ssm: dptr(l.ssm, DType::F32, "ssm state")?,
+        })
+    }
+
+    /// The layer's row of the persistent step's table (cuda.kernels.cu: DecodeLayer): the
+    /// fifteen addresses in order, then which matvecs read 16 bytes at a time.
+    fn table_row(&self, d: &DecodeDims, elem_bytes: usize) -> [u64; 16] {
+        let vec = vec_ok(d.d_model, self.in_w, elem_bytes) as u64
+            | (vec_ok(d.d_inner, self.x_w, elem_bytes) as u64) << 1
+            | (vec_ok(d.d_inner, self.out_w, elem_bytes) as u64) << 2;
+        [
+            self.norm_w,
+            self.norm_b,
+            self.in_w,
+            self.in_b,
+            self.x_w,
+            self.dt_w,
+            self.dt_b,
+            self.a,
+            self.d_skip,
+            self.out_w,
+            self.out_b,
+            self.conv_wt,
+            self.conv_b,
+            self.conv_state,
+            self.ssm,
+            vec,
+        ]
+    }
+}
+
 /// Enqueues the kernels of one decode step on the device's stream, reading the token ids
 /// from `b.ids` and leaving the logits in `b.logits`; `timer` marks each kernel.
 fn enqueue_step(
@@ -1094,6 +1224,9 @@ fn enqueue_step(
         dt_rank,
         xw,
     } = *dims;
+    if persistent_decode() && enqueue_persistent(m, &dev, dims, b, &mut mark)? {
+        return Ok(());
+    }
     let (rp, xzp, xcp, dbcp, yp, idp) = (b.residual, b.xz, b.xc, b.dbc, b.y, b.ids);
     let (b_, rr) = (batch as i32, m.round_res as i32);
     let (dm_, di_, xw_, r_) = (d_model as i32, d_inner as i32, xw as i32, dt_rank as i32);
@@ -1101,6 +1234,7 @@ fn enqueue_step(
     let eb = et.size_in_bytes();
     // The step's first kernel follows the copy of the token ids: only the others overlap.
     let pdl = pdl_enabled(&dev);
+    let max_blocks = decode_max_blocks(&dev)?;
     let ep = dptr(m.embedding, et, "embedding")?;
     launch!(
         kernel!(&dev, "embed_rows", first.params),
@@ -1123,35 +1257,27 @@ fn enqueue_step(
     );
     let null = 0u64;
     for l in &m.layers {
-        let p = l.params;
-        let (nw, nb) = l.norm.ptrs(et)?;
-        let (iw, ib) = (
-            dptr(l.in_proj.0, et, "in_proj")?,
-            opt_ptr(l.in_proj.1, et, "in_proj bias")?,
-        );
-        let xpw = dptr(l.x_proj, et, "x_proj")?;
-        let dtw = dptr(l.dt_proj, et, "dt_proj")?;
-        let (ow, ob) = (
-            dptr(l.out_proj.0, et, "out_proj")?,
-            opt_ptr(l.out_proj.1, et, "out_proj bias")?,
-        );
-        let (cw, cb) = (
-            dptr(&p.conv_weight_t, DType::F32, "conv weight")?,
-            dptr(&p.conv_bias, DType::F32, "conv bias")?,
-        );
-        let (dtb, ap, dsp) = (
-            dptr(&p.dt_bias, DType::F32, "dt bias")?,
-            dptr(&p.a, DType::F32, "A")?,
-            dptr(&p.d_skip, DType::F32, "D")?,
-        );
-        let (convp, ssmp) = (
-            dptr(l.conv, DType::F32, "conv state")?,
-            dptr(l.ssm, DType::F32, "ssm state")?,
-        );
+        let LayerPtrs {
+            norm_w: nw,
+            norm_b: nb,
+            in_w: iw,
+            in_b: ib,
+            x_w: xpw,
+            dt_w: dtw,
+            dt_b: dtb,
+            a: ap,
+            d_skip: dsp,
+            out_w: ow,
+            out_b: ob,
+            conv_wt: cw,
+            conv_b: cb,
+            conv_state: convp,
+            ssm: ssmp,
+        } = LayerPtrs::of(l, et)?;
         let n2 = 2 * di_;
         let eps = l.norm.eps;
         let vin = vec_ok(d_model, iw, eb) as i32;
-        let (in_cfg, in_split) = matvec_cfg(2 * d_inner, batch, d_model, eb);
+        let (in_cfg, in_split) = matvec_cfg(2 * d_inner, batch, d_model, eb, max_blocks);
         launch_step!(
             &dev, pdl, &mv_norm, in_cfg, &rp, &nw, &nb, &eps, &rr, &iw, &ib, &xzp, &b_, &dm_, &n2,
             &vin, &convp, &cw, &cb, &xcp, &di_, &in_split
@@ -1161,7 +1287,7 @@ fn enqueue_step(
             matvec_work(2 * d_inner, d_model, batch, eb),
         )?;
         let vx = vec_ok(d_inner, xpw, eb) as i32;
-        let (x_cfg, x_split) = matvec_cfg(xw, batch, d_inner, eb);
+        let (x_cfg, x_split) = matvec_cfg(xw, batch, d_inner, eb, max_blocks);
         launch_step!(
             &dev, pdl, &mv_plain, x_cfg, &xcp, &xpw, &null, &dbcp, &b_, &di_, &xw_, &vx, &x_split
         );
@@ -1187,10 +1313,10 @@ fn enqueue_step(
             &di_
         );
         // dt_proj's rows, and the state read and written.
-        let scan_bytes = d_inner * (dt_rank * eb + 2 * batch * p.a.dim(1)? * 4);
+        let scan_bytes = d_inner * (dt_rank * eb + 2 * batch * l.params.a.dim(1)? * 4);
         mark("decode: dt_proj+scan", Work::bytes(scan_bytes as f64))?;
         let vo = vec_ok(d_inner, ow, eb) as i32;
-        let (out_cfg, out_split) = matvec_cfg(d_model, batch, d_inner, eb);
+        let (out_cfg, out_split) = matvec_cfg(d_model, batch, d_inner, eb, max_blocks);
         launch_step!(
             &dev, pdl, &mv_res, out_cfg, &yp, &rr, &ow, &ob, &rp, &b_, &di_, &dm_, &vo, &out_split
         );
@@ -1204,7 +1330,7 @@ fn enqueue_step(
     let lp = b.logits;
     let (eps, v_) = (m.norm_f.eps, vocab as i32);
     let vh = vec_ok(d_model, hp, eb) as i32;
-    let (head_cfg, head_split) = matvec_cfg(vocab, batch, d_model, eb);
+    let (head_cfg, head_split) = matvec_cfg(vocab, batch, d_model, eb, max_blocks);
     launch_step!(
         &dev,
         pdl,
@@ -1231,13 +1357,143 @@ fn enqueue_step(
     Ok(())
 }
 
+/// Whether decode steps run as one persistent launch (`decode_persistent`) where the
+/// device allows: `DECIMAMBA_DECODE_PERSISTENT=1` turns it on (default
+/// [`PERSISTENT_DEFAULT`]), and [`set_persistent_decode`] overrides both.
+pub fn persistent_decode() -> bool {
+    static ENV_ON: OnceLock<bool> = OnceLock::new();
+    match PERSISTENT_OVERRIDE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ENV_ON.get_or_init(|| {
+            std::env::var("DECIMAMBA_DECODE_PERSISTENT").map_or(PERSISTENT_DEFAULT, |v| v != "0")
+        }),
+    }
+}
+
+/// The persistent step is off unless asked for until a GPU run has checked it.
+const PERSISTENT_DEFAULT: bool = false;
+
+static PERSISTENT_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the persistent decode step on or off for the process (`None`: as the
+/// environment says), e.g. to compare the two paths in one process.
+pub fn set_persistent_decode(on: Option<bool>) {
+    PERSISTENT_OVERRIDE.store(on.map_or(0, |o| if o { 1 } else { 2 }), Ordering::Relaxed);
+}
+
+/// Enqueues the step as one cooperative launch of `decode_persistent`, all of whose
+/// blocks are resident: the device's SMs times the blocks per SM its occupancy allows
+/// (at most `DECIMAMBA_DECODE_BLOCKS_PER_SM` when set). `Ok(false)` when the device
+/// cannot launch it cooperatively; the caller then launches the per-stage kernels.
+fn enqueue_persistent(
+    m: &DecodeModel,
+    dev: &CudaDevice,
+    d: &DecodeDims,
+    b: &DecodePtrs,
+    mark: &mut impl FnMut(&'static str, Work) -> Result<()>,
+) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let first = m
+        .layers
+        .first()
+        .ok_or_else(|| anyhow!("model has no layers"))?;
+    let func = kernel!(dev, "decode_persistent", first.params);
+    let ctx = dev.cuda_stream().context().clone();
+    let cooperative = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)?;
+    let sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let threads = (DECODE_BLOCK_WARPS * 32) as u32;
+    let smem = d.batch * d.d_model.max(d.d_inner) * 4;
+    let resident = func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?;
+    if cooperative == 0 || resident == 0 || sms <= 0 {
+        return Ok(false);
+    }
+    let per_sm = match decode_max_blocks(dev)? / sms as usize {
+        0 => resident as usize,
+        cap => cap.min(resident as usize),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: ((per_sm * sms as usize) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let et = m.dtype;
+    let eb = et.size_in_bytes();
+    let (nfw, nfb) = m.norm_f.ptrs(et)?;
+    let ep = dptr(m.embedding, et, "embedding")?;
+    let hp = dptr(m.lm_head, et, "lm_head")?;
+    let split = |n, k| decode_split(n, k, eb) as i32;
+    let (in_split, x_split) = (split(2 * d.d_inner, d.d_model), split(d.xw, d.d_inner));
+    let (out_split, head_split) = (split(d.d_model, d.d_inner), split(d.vocab, d.d_model));
+    let (n_layer, head_vec) = (m.layers.len() as i32, vec_ok(d.d_model, hp, eb) as i32);
+    let (eps, rr) = (m.norm_f.eps, m.round_res as i32);
+    let [bs, dm, di, xw, r, v] =
+        [d.batch, d.d_model, d.d_inner, d.xw, d.dt_rank, d.vocab].map(|x| x as i32);
+    // SAFETY: one u32 of the step's own buffer, on the stream the kernel runs on.
+    unsafe { sys::cuMemsetD32Async(b.barrier, 0, 1, dev.cuda_stream().cu_stream()) }.result()?;
+    let mut params: Vec<*mut std::ffi::c_void> = vec![
+        &b.layer_table as *const u64 as *mut _,
+        &n_layer as *const i32 as *mut _,
+        &ep as *const u64 as *mut _,
+        &b.ids as *const u64 as *mut _,
+        &nfw as *const u64 as *mut _,
+        &nfb as *const u64 as *mut _,
+        &hp as *const u64 as *mut _,
+        &head_vec as *const i32 as *mut _,
+        &eps as *const f32 as *mut _,
+        &rr as *const i32 as *mut _,
+        &b.residual as *const u64 as *mut _,
+        &b.xz as *const u64 as *mut _,
+        &b.xc as *const u64 as *mut _,
+        &b.dbc as *const u64 as *mut _,
+        &b.y as *const u64 as *mut _,
+        &b.logits as *const u64 as *mut _,
+        &bs as *const i32 as *mut _,
+        &dm as *const i32 as *mut _,
+        &di as *const i32 as *mut _,
+        &xw as *const i32 as *mut _,
+        &r as *const i32 as *mut _,
+        &v as *const i32 as *mut _,
+        &in_split as *const i32 as *mut _,
+        &x_split as *const i32 as *mut _,
+        &out_split as *const i32 as *mut _,
+        &head_split as *const i32 as *mut _,
+        &b.barrier as *const u64 as *mut _,
+    ];
+    // SAFETY: the arguments are those of decode_persistent, in order and of its types;
+    // the table holds each layer's live tensors (LayerPtrs::of), the buffers are sized
+    // for `d`, and the grid is no larger than the blocks the device keeps resident.
+    unsafe { launch_ex(dev, &func, cfg, &mut params, true) }?;
+    let mut work = matvec_work(d.vocab, d.d_model, d.batch, eb);
+    for _ in &m.layers {
+        let w = |n, k| matvec_work(n, k, d.batch, eb);
+        for x in [
+            w(2 * d.d_inner, d.d_model),
+            w(d.xw, d.d_inner),
+            w(d.d_inner, d.dt_rank),
+            w(d.d_model, d.d_inner),
+        ] {
+            work.fp32_flops += x.fp32_flops;
+            work.bytes += x.bytes;
+        }
+    }
+    mark("decode: persistent step", work)?;
+    Ok(true)
+}
+
 /// Launch shape of a decode matvec with `n` output rows of `k` elements: `split` warps per
-/// row ([`decode_split`]), DECODE_BLOCK_WARPS per block, the `batch` input rows of `k` f32
-/// in shared memory. Returns the shape and the kernel's `split` argument.
-fn matvec_cfg(n: usize, batch: usize, k: usize, elem_bytes: usize) -> (LaunchConfig, i32) {
+/// row ([`decode_split`]), DECODE_BLOCK_WARPS per block, at most `max_blocks` blocks
+/// ([`decode_blocks`]), the `batch` input rows of `k` f32 in shared memory. Returns the shape and the kernel's `split` argument.
+fn matvec_cfg(
+    n: usize,
+    batch: usize,
+    k: usize,
+    elem_bytes: usize,
+    max_blocks: usize,
+) -> (LaunchConfig, i32) {
     let split = decode_split(n, k, elem_bytes);
     let cfg = LaunchConfig {
-        grid_dim: (decode_blocks(n, split) as u32, 1, 1),
+        grid_dim: (decode_blocks(n, split, max_blocks) as u32, 1, 1),
         block_dim: ((DECODE_BLOCK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: (batch * k * 4) as u32,
     };

@@ -59,6 +59,9 @@ pub const DECODE_BLOCK_WARPS: usize = 8;
 /// Warps a decode matvec aims to keep in flight: enough 16-byte loads outstanding to
 /// stream the weights at HBM bandwidth (≈ 132 SMs × 32 warps on an H100/H200).
 pub const DECODE_TARGET_WARPS: usize = 4096;
+/// Blocks per SM a decode matvec launches at most (`DECIMAMBA_DECODE_BLOCKS_PER_SM`
+/// overrides it; 0: no cap).
+pub const DECODE_BLOCKS_PER_SM: usize = 0;
 /// Fewest bytes of a row one warp's share should hold: one 16-byte load per lane.
 pub const DECODE_MIN_SLICE_BYTES: usize = 32 * 16;
 
@@ -80,10 +83,19 @@ pub fn decode_split(n: usize, k: usize, elem_bytes: usize) -> usize {
     split
 }
 
-/// Blocks of a decode matvec with `n` rows, `split` warps per row.
-pub fn decode_blocks(n: usize, split: usize) -> usize {
+/// Blocks of a decode matvec with `n` rows, `split` warps per row: one per group of rows,
+/// or, when that is more than `max_blocks` (0: no cap), as few as cover the groups in the
+/// same number of rounds with every block doing that many or one fewer. A block stages
+/// (and for in_proj normalises) its whole input row before its first product, so fewer,
+/// longer-lived blocks pay that once for several groups, and the kernel's loads then
+/// run from one row into the next (cuda.kernels.cu: matvec_rows).
+pub fn decode_blocks(n: usize, split: usize, max_blocks: usize) -> usize {
     let rows_per_block = (DECODE_BLOCK_WARPS / split.clamp(1, DECODE_BLOCK_WARPS)).max(1);
-    n.div_ceil(rows_per_block).max(1)
+    let groups = n.div_ceil(rows_per_block).max(1);
+    if max_blocks == 0 || groups <= max_blocks {
+        return groups;
+    }
+    groups.div_ceil(groups.div_ceil(max_blocks))
 }
 
 /// Whether rows of `k` elements of `elem_bytes` each, starting at device address `base`,
@@ -302,7 +314,7 @@ mod tests {
                     assert!(n * (s / 2) < DECODE_TARGET_WARPS);
                     assert!(k * eb / s >= DECODE_MIN_SLICE_BYTES, "{n}x{k}x{eb}: {s}");
                 }
-                let blocks = decode_blocks(n, s);
+                let blocks = decode_blocks(n, s, 0);
                 assert!(blocks * (DECODE_BLOCK_WARPS / s) >= n);
                 assert!((blocks - 1) * (DECODE_BLOCK_WARPS / s) < n);
             }
@@ -314,8 +326,33 @@ mod tests {
         assert_eq!(decode_split(80, 1536, 4), 8);
         assert_eq!(decode_split(768, 1536, 2), 4);
         assert_eq!(decode_split(1, 8, 2), 1);
-        assert_eq!(decode_blocks(192, 8), 192);
-        assert_eq!(decode_blocks(10_240, 1), 1280);
+        assert_eq!(decode_blocks(192, 8, 0), 192);
+        assert_eq!(decode_blocks(10_240, 1, 0), 1280);
+    }
+
+    #[test]
+    fn capped_decode_blocks_share_the_rows_evenly() {
+        // 2.8b in_proj: 1,280 groups of 8 rows on 132 SMs × 3 blocks → 4 rounds of 320.
+        assert_eq!(decode_blocks(10_240, 1, 396), 320);
+        assert_eq!(decode_blocks(192, 8, 396), 192); // under the cap: one block per group
+        for n in [1usize, 7, 80, 768, 1000, 3072, 10_240, 50_280] {
+            for split in [1, 2, 4, 8] {
+                let groups = n.div_ceil(DECODE_BLOCK_WARPS / split);
+                for cap in [1, 2, 5, 132, 264, 396, 528] {
+                    let blocks = decode_blocks(n, split, cap);
+                    assert!((1..=cap.max(1)).contains(&blocks) || groups <= cap);
+                    assert!(blocks <= groups, "{n}/{split}/{cap}");
+                    // Blocks stride over the groups: the rounds are those the cap forces,
+                    // and no block is more than one group short of the busiest.
+                    let rounds = groups.div_ceil(blocks);
+                    assert_eq!(rounds, groups.div_ceil(cap).max(1), "{n}/{split}/{cap}");
+                    assert!(
+                        groups > (rounds - 1) * blocks,
+                        "{n}/{split}/{cap}: idle blocks"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

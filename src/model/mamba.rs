@@ -818,6 +818,14 @@ struct Block {
 /// (a few × L × d_inner floats) around cache size instead of growing with the prompt.
 const CPU_PREFILL_CHUNK: usize = 2048;
 
+/// Forces CUDA decode steps through the persistent kernel (`Some(true)`), the per-stage
+/// kernels (`Some(false)`), or as `DECIMAMBA_DECODE_PERSISTENT` says (`None`), for tests
+/// and benchmarks that compare the two in one process.
+#[cfg(feature = "cuda")]
+pub fn set_persistent_decode(on: Option<bool>) {
+    cuda::set_persistent_decode(on);
+}
+
 /// The keep rule's top-K choice made by the CUDA kernel the GPU prefill uses, for tests that
 /// hold it to [`select_by_scores`]: the `keep` highest of `scores[..candidates]`
 /// (ties to the earlier position), ascending, then `candidates..len`.

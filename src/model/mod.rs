@@ -11,9 +11,9 @@ pub mod state;
 
 pub use backend::{Backend, BackendChoice};
 pub use config::{CheckpointFormat, MambaConfig};
-#[cfg(feature = "cuda")]
-pub use mamba::select_top_k_on_device;
 pub use mamba::{
     gpu_free_bytes, gpu_used_bytes, take_gpu_profile, ChunkScan, ForwardOptions, ForwardTrace,
     InferenceState, Interrupted, LayerTrace, LogitsSpan, MambaModel,
 };
+#[cfg(feature = "cuda")]
+pub use mamba::{select_top_k_on_device, set_persistent_decode};
