@@ -22,8 +22,9 @@
 //! are passed explicitly.
 
 use super::super::gpu_plan::{
-    conv_tile, decode_blocks, decode_fits, decode_split, env_number, scan_chunks, scan_chunks_for,
-    vec_ok, Work, DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
+    conv_tile, decode_blocks, decode_fits, decode_split, env_number, persistent_blocks,
+    scan_chunks, scan_chunks_for, vec_ok, Work, DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS,
+    MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -1405,15 +1406,14 @@ fn enqueue_persistent(
     let threads = (DECODE_BLOCK_WARPS * 32) as u32;
     let smem = d.batch * d.d_model.max(d.d_inner) * 4;
     let resident = func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?;
-    if cooperative == 0 || resident == 0 || sms <= 0 {
-        return Ok(false);
-    }
-    let per_sm = match decode_max_blocks(dev)? / sms as usize {
-        0 => resident as usize,
-        cap => cap.min(resident as usize),
+    let sms = sms.max(0) as usize;
+    let cap = decode_max_blocks(dev)? / sms.max(1);
+    let blocks = match persistent_blocks(sms, resident as usize, cap) {
+        Some(b) if cooperative != 0 => b,
+        _ => return Ok(false),
     };
     let cfg = LaunchConfig {
-        grid_dim: ((per_sm * sms as usize) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };

@@ -62,6 +62,19 @@ pub const DECODE_TARGET_WARPS: usize = 4096;
 /// Blocks per SM a decode matvec launches at most (`DECIMAMBA_DECODE_BLOCKS_PER_SM`
 /// overrides it; 0: no cap).
 pub const DECODE_BLOCKS_PER_SM: usize = 0;
+/// Blocks of the persistent decode step on `sms` SMs that each keep `resident` of its
+/// blocks (the occupancy the driver reports), at most `per_sm_cap` per SM (0: no cap).
+/// `None` when none can be resident: the per-stage kernels run instead. A cooperative
+/// launch fails when it asks for more blocks than are resident, and its grid barriers
+/// would wait forever on blocks that never start.
+pub fn persistent_blocks(sms: usize, resident: usize, per_sm_cap: usize) -> Option<usize> {
+    let per_sm = match per_sm_cap {
+        0 => resident,
+        cap => cap.min(resident),
+    };
+    (sms > 0 && per_sm > 0).then_some(sms * per_sm)
+}
+
 /// Fewest bytes of a row one warp's share should hold: one 16-byte load per lane.
 pub const DECODE_MIN_SLICE_BYTES: usize = 32 * 16;
 
@@ -328,6 +341,23 @@ mod tests {
         assert_eq!(decode_split(1, 8, 2), 1);
         assert_eq!(decode_blocks(192, 8, 0), 192);
         assert_eq!(decode_blocks(10_240, 1, 0), 1280);
+    }
+
+    #[test]
+    fn persistent_step_never_asks_for_more_blocks_than_are_resident() {
+        assert_eq!(persistent_blocks(132, 2, 0), Some(264));
+        assert_eq!(persistent_blocks(132, 2, 1), Some(132));
+        assert_eq!(persistent_blocks(132, 2, 3), Some(264)); // the cap cannot raise it
+        assert_eq!(persistent_blocks(132, 0, 0), None);
+        assert_eq!(persistent_blocks(0, 2, 0), None);
+        for sms in [1, 78, 132, 144] {
+            for resident in 1..=4 {
+                for cap in 0..=5 {
+                    let b = persistent_blocks(sms, resident, cap).unwrap();
+                    assert!(b <= sms * resident && b >= sms && b.is_multiple_of(sms));
+                }
+            }
+        }
     }
 
     #[test]
