@@ -885,6 +885,8 @@ struct DecodeBuffers {
     /// The persistent step's layer table (LayerPtrs::table_row) and its barrier count.
     layer_table: CudaSlice<u64>,
     barrier: CudaSlice<u32>,
+    /// Whether the step runs as the persistent launch (its table is filled).
+    persistent: bool,
 }
 
 /// Device addresses of [`DecodeBuffers`].
@@ -898,15 +900,22 @@ struct DecodePtrs {
     logits: u64,
     layer_table: u64,
     barrier: u64,
+    persistent: bool,
 }
 
 impl DecodeBuffers {
     fn new(dev: &CudaDevice, m: &DecodeModel, d: &DecodeDims) -> Result<Self> {
         let e = m.dtype.size_in_bytes();
         let b = d.batch;
-        let mut table = Vec::with_capacity(16 * m.layers.len());
-        for l in &m.layers {
-            table.extend(LayerPtrs::of(l, m.dtype)?.table_row(d, e));
+        // Only the persistent step reads the table: the per-stage kernels get one zero row.
+        // The choice is made once here, so a step never mixes the two.
+        let persistent = persistent_decode();
+        let mut table = vec![0u64; 16];
+        if persistent {
+            table.clear();
+            for l in &m.layers {
+                table.extend(LayerPtrs::of(l, m.dtype)?.table_row(d, e));
+            }
         }
         let layer_table = dev.cuda_stream().clone_htod(&table)?;
         let barrier = dev.cuda_stream().alloc_zeros::<u32>(1)?;
@@ -923,6 +932,7 @@ impl DecodeBuffers {
                 logits: dev.alloc::<f32>(b * d.vocab)?,
                 layer_table,
                 barrier,
+                persistent,
             })
         }
     }
@@ -939,6 +949,7 @@ impl DecodeBuffers {
             logits: self.logits.device_ptr(&s).0,
             layer_table: self.layer_table.device_ptr(&s).0,
             barrier: self.barrier.device_ptr(&s).0,
+            persistent: self.persistent,
         };
         ptrs
     }
@@ -1225,7 +1236,7 @@ fn enqueue_step(
         dt_rank,
         xw,
     } = *dims;
-    if persistent_decode() && enqueue_persistent(m, &dev, dims, b, &mut mark)? {
+    if b.persistent && enqueue_persistent(m, &dev, dims, b, &mut mark)? {
         return Ok(());
     }
     let (rp, xzp, xcp, dbcp, yp, idp) = (b.residual, b.xz, b.xc, b.dbc, b.y, b.ids);
