@@ -545,7 +545,8 @@ extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS) scan_output(S
 // ---------------------------------------------------------------------------------------
 // Decode: one token per sequence, B ≤ MAXB sequences. A layer is four launches —
 // norm + in_proj + conv step, x_proj, dt_proj + scan step + gate, out_proj + residual
-// add — with the conv window and SSM state updated in place.
+// add — with the conv window and SSM state updated in place; or four stages of the one
+// persistent launch per token (decode_persistent, at the end of this file).
 #define MAXB 8
 
 // Elements of one 16-byte load.
