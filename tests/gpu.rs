@@ -21,6 +21,14 @@ use common::{fixtures, floats, ids_of, json, max_diff, Values};
 const F32_TOL: f32 = 1e-3;
 const BF16_TOL: f32 = 0.1;
 
+/// The fixtures the decode tests continue: RMSNorm, a dt_rank of its own (the residual kept
+/// in the model dtype) and LayerNorm, each with its logits file.
+const DECODE_FIXTURES: [(&str, &str); 3] = [
+    ("tiny-rms-hf", "tiny-rms.logits.json"),
+    ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
+    ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
+];
+
 fn cuda() -> Device {
     Device::new_cuda(0).expect(
         "no usable CUDA device: tests/gpu.rs needs one (run scripts/gpu-check.sh on a GPU \
@@ -129,11 +137,7 @@ fn prefill_then_decode_matches_reference() {
 fn half_precision_decode_matches_full_forward() {
     let gpu = cuda();
     for dtype in [DType::BF16, DType::F16] {
-        for (dir, fixture) in [
-            ("tiny-rms-hf", "tiny-rms.logits.json"),
-            ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
-            ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
-        ] {
+        for (dir, fixture) in DECODE_FIXTURES {
             let model = load(dir, &gpu, dtype);
             let ids = ids_of(&json(fixture)["input_ids"]);
             let (batch, len) = (ids.len(), ids[0].len());
@@ -225,11 +229,7 @@ fn persistent_decode_is_bit_identical_to_the_per_stage_kernels() {
         }
     };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        for (dir, fixture) in [
-            ("tiny-rms-hf", "tiny-rms.logits.json"),
-            ("tiny-dtrank-hf", "tiny-dtrank.logits.json"),
-            ("tiny-layernorm-orig", "tiny-layernorm.logits.json"),
-        ] {
+        for (dir, fixture) in DECODE_FIXTURES {
             let model = load(dir, &gpu, dtype);
             let ids = ids_of(&json(fixture)["input_ids"]);
             let (a, b) = (

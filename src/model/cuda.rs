@@ -354,13 +354,21 @@ unsafe fn launch_ex(
     Ok(())
 }
 
+/// The argument pointers `cuLaunchKernelEx` takes, each pointing at a live local.
+macro_rules! kernel_params {
+    ($($arg:expr),* $(,)?) => {{
+        let params: Vec<*mut std::ffi::c_void> =
+            vec![$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
+        params
+    }};
+}
+
 /// A decode kernel's launch: dependent (may overlap its predecessor) when `$pdl`.
 macro_rules! launch_step {
     ($dev:expr, $pdl:expr, $func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let func = $func;
         if $pdl {
-            let mut params: Vec<*mut std::ffi::c_void> =
-                vec![$( ($arg) as *const _ as *mut std::ffi::c_void ),*];
+            let mut params = kernel_params!($($arg),*);
             // SAFETY: as `launch!`; every decode kernel waits (griddep_wait) before it
             // reads what earlier kernels of the step write.
             unsafe { launch_dependent($dev, &func, $cfg, &mut params) }?;
@@ -1442,35 +1450,35 @@ fn enqueue_persistent(
         [d.batch, d.d_model, d.d_inner, d.xw, d.dt_rank, d.vocab].map(|x| x as i32);
     // SAFETY: one u32 of the step's own buffer, on the stream the kernel runs on.
     unsafe { sys::cuMemsetD32Async(b.barrier, 0, 1, dev.cuda_stream().cu_stream()) }.result()?;
-    let mut params: Vec<*mut std::ffi::c_void> = vec![
-        &b.layer_table as *const u64 as *mut _,
-        &n_layer as *const i32 as *mut _,
-        &ep as *const u64 as *mut _,
-        &b.ids as *const u64 as *mut _,
-        &nfw as *const u64 as *mut _,
-        &nfb as *const u64 as *mut _,
-        &hp as *const u64 as *mut _,
-        &head_vec as *const i32 as *mut _,
-        &eps as *const f32 as *mut _,
-        &rr as *const i32 as *mut _,
-        &b.residual as *const u64 as *mut _,
-        &b.xz as *const u64 as *mut _,
-        &b.xc as *const u64 as *mut _,
-        &b.dbc as *const u64 as *mut _,
-        &b.y as *const u64 as *mut _,
-        &b.logits as *const u64 as *mut _,
-        &bs as *const i32 as *mut _,
-        &dm as *const i32 as *mut _,
-        &di as *const i32 as *mut _,
-        &xw as *const i32 as *mut _,
-        &r as *const i32 as *mut _,
-        &v as *const i32 as *mut _,
-        &in_split as *const i32 as *mut _,
-        &x_split as *const i32 as *mut _,
-        &out_split as *const i32 as *mut _,
-        &head_split as *const i32 as *mut _,
-        &b.barrier as *const u64 as *mut _,
-    ];
+    let mut params = kernel_params!(
+        &b.layer_table,
+        &n_layer,
+        &ep,
+        &b.ids,
+        &nfw,
+        &nfb,
+        &hp,
+        &head_vec,
+        &eps,
+        &rr,
+        &b.residual,
+        &b.xz,
+        &b.xc,
+        &b.dbc,
+        &b.y,
+        &b.logits,
+        &bs,
+        &dm,
+        &di,
+        &xw,
+        &r,
+        &v,
+        &in_split,
+        &x_split,
+        &out_split,
+        &head_split,
+        &b.barrier,
+    );
     // SAFETY: the arguments are those of decode_persistent, in order and of its types;
     // the table holds each layer's live tensors (LayerPtrs::of), the buffers are sized
     // for `d`, and the grid is no larger than the blocks the device keeps resident.
