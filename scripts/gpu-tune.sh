@@ -9,7 +9,7 @@
 # DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
 # -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
-# TUNE_SET=decode: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
+# TUNE_SET=decode and TUNE_SET=prefill: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
 # current kernels (prefill at TUNE_LENGTHS, default 32k, and decode), then the decode profiles. Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
@@ -109,6 +109,21 @@ if [[ ${TUNE_SET:-all} == decode ]]; then
             *) echo "gpu-tune: unknown TUNE_DECODE_RUNS entry $run" >&2; exit 2 ;;
             esac
         done
+    done
+    exit $status
+fi
+# TUNE_SET=prefill: the scan's share of exponentials on the FMA pipe (-DSCAN_POLY_EXP=k of
+# NSTATE) at 32K and 128K, then the stage profiles at 32K (run the tests with
+# TUNE_TEST_FLAGS=-DSCAN_POLY_EXP=k first).
+if [[ ${TUNE_SET:-all} == prefill ]]; then
+    for shape in 130m 2.8b; do
+        P="--shape $shape --lengths 32k,128k --decode 0"
+        [[ $shape == 2.8b ]] && P="--shape $shape --lengths 32k --decode 0"
+        one "$shape-prefill" 150 X=1 -- $P
+        for k in ${TUNE_POLY:-2 3 4}; do
+            one "$shape-prefill-poly$k" 150 DECIMAMBA_NVRTC_FLAGS=-DSCAN_POLY_EXP=$k -- $P
+        done
+        one "$shape-32k-profile" 150 DECIMAMBA_CUDA_PROFILE=1 -- --shape $shape --lengths 32k --decode 0
     done
     exit $status
 fi

@@ -64,6 +64,27 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// 2^x for x <= 0 on the FMA pipe: round x to an integer i with the 1.5*2^23 shift, a degree-5
+// polynomial for 2^f on f = x - i in [-0.5, 0.5] with p(0) = 1 exactly (a zeroed Δ must keep the
+// state: decay 1, as ex2.approx gives; the other coefficients fitted by iterated relative-error
+// least squares; max relative error 1.9e-7 in f32, like ex2.approx's 2^-22.5; p(f) <= 1 for
+// f <= 0, so no decay exceeds 1), and i added to the exponent bits. x is clamped at -125 so the result stays normal (2^-125 where ex2.approx.ftz
+// gives 0). The scan evaluates SCAN_POLY_EXP of each token's NSTATE exponentials this way,
+// so that the MUFU and FMA pipes share the work (the balance FlashAttention-4 strikes for
+// softmax).
+__device__ __forceinline__ float poly_exp2(float x) {
+    x = fmaxf(x, -125.0f);
+    const float shifted = x + 12582912.0f;
+    const float f = x - (shifted - 12582912.0f);
+    float p = 0.001326472731307149f;
+    p = fmaf(p, f, 0.009671512991189957f);
+    p = fmaf(p, f, 0.05550733581185341f);
+    p = fmaf(p, f, 0.24022242426872253f);
+    p = fmaf(p, f, 0.6931470036506653f);
+    p = fmaf(p, f, 1.0f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -355,6 +376,14 @@ extern "C" __global__ void select_top_k(const float* __restrict__ scores, int C,
 #endif
 // Elements of a B (or C) tile each of the block's 128 threads stages.
 #define TILE_PER_THREAD ((TILE * NSTATE + 127) / 128)
+// How many of a token's NSTATE decays exp(Δ A_n) use poly_exp2 instead of MUFU (the last
+// ones); 0 keeps every one on MUFU.
+#ifndef SCAN_POLY_EXP
+#define SCAN_POLY_EXP 0
+#endif
+__device__ __forceinline__ float scan_decay(int n, float x) {
+    return n >= NSTATE - SCAN_POLY_EXP ? poly_exp2(x) : fast_exp2(x);
+}
 #define STRINGIFY(x) #x
 #define PRAGMA_UNROLL(n) _Pragma(STRINGIFY(unroll n))
 
@@ -460,14 +489,14 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
                 float acc = 0.0f;
 #pragma unroll
                 for (int n = 0; n < NSTATE; ++n) {
-                    h[n] = fast_exp2(delta * a2[n]) * h[n] + dx * bk[n];
+                    h[n] = scan_decay(n, delta * a2[n]) * h[n] + dx * bk[n];
                     acc += h[n] * ck[n];
                 }
                 const float zv = ld(z[b * z_bs + (i64)t * z_rs + d]);
                 y[r] = st((acc + dskip * xv) * __fdividef(zv, 1.0f + __expf(-zv)));
             } else {
 #pragma unroll
-                for (int n = 0; n < NSTATE; ++n) h[n] = fast_exp2(delta * a2[n]) * h[n] + dx * bk[n];
+                for (int n = 0; n < NSTATE; ++n) h[n] = scan_decay(n, delta * a2[n]) * h[n] + dx * bk[n];
                 sdt += delta;
             }
         }
