@@ -434,4 +434,48 @@ mod tests {
         assert!(vec_ok(4, 16, 4));
         assert!(!vec_ok(5, 0, 4));
     }
+
+    /// The scan's FMA-pipe exponential (cuda.kernels.cu: poly_exp2, `-DSCAN_POLY_EXP`),
+    /// evaluated here in f32 with the kernel's own coefficients, read from the source: as
+    /// accurate as MUFU's ex2.approx, exactly 1 at 0 (a zeroed Δ keeps the state) and
+    /// never above 1 for x ≤ 0 (no decay grows the state).
+    #[test]
+    fn scan_polynomial_exp2_is_accurate_and_never_grows_the_state() {
+        let src = include_str!("cuda.kernels.cu");
+        let start = src
+            .find("float poly_exp2(float x)")
+            .expect("poly_exp2 in the kernels");
+        let body = &src[start..start + src[start..].find("\n}").unwrap()];
+        let coeffs: Vec<f32> = body
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'f'))
+            .filter(|w| w.contains('.') && w.ends_with('f'))
+            .map(|w| w.trim_end_matches('f').parse().unwrap())
+            .collect();
+        // The clamp 125.0f (its sign is outside the literal), the two 1.5·2^23 shifts, then the
+        // Horner chain from the top coefficient.
+        assert_eq!(coeffs.len(), 9, "{coeffs:?}");
+        assert_eq!(&coeffs[..3], &[125.0, 12_582_912.0, 12_582_912.0]);
+        let horner = &coeffs[3..];
+        let poly_exp2 = |x: f32| -> f32 {
+            let x = x.max(-125.0);
+            let shifted = x + 12_582_912.0f32;
+            let f = x - (shifted - 12_582_912.0);
+            let p = horner[1..].iter().fold(horner[0], |p, &c| p.mul_add(f, c));
+            f32::from_bits(p.to_bits().wrapping_add(shifted.to_bits() << 23))
+        };
+        assert_eq!(poly_exp2(0.0), 1.0);
+        assert_eq!(poly_exp2(-1e-9), 1.0);
+        let mut worst = 0f64;
+        for i in 0..=2_000_000 {
+            let x = -125.0 * i as f32 / 2_000_000.0;
+            let got = poly_exp2(x);
+            let want = (x as f64).exp2();
+            worst = worst.max((got as f64 - want).abs() / want);
+            if x > -0.75 {
+                assert!(got <= 1.0, "2^{x} = {got} > 1");
+            }
+        }
+        assert!(worst < 2.5e-7, "max relative error {worst:.3e}");
+        assert!(poly_exp2(-1000.0) > 0.0 && poly_exp2(-1000.0) < 3e-38);
+    }
 }
