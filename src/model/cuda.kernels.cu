@@ -753,10 +753,10 @@ __device__ __forceinline__ void conv_step(const ConvStep& c, int b, int d, float
 #endif
 #define MATVEC_BOUNDS __launch_bounds__(256, MATVEC_MIN_BLOCKS)
 // 1: a lane's next group of weight loads is issued before the current one is multiplied,
-// across row ends too (not yet run on a GPU; scripts/gpu-tune.sh times it); 0: each group
-// is loaded, then multiplied.
+// across row ends too (2.8b bf16 decode 267 → 291 tokens/s at 3 blocks per SM on an H100,
+// docs/gpu-benchmarks.md); 0: each group is loaded, then multiplied.
 #ifndef MATVEC_PIPELINE
-#define MATVEC_PIPELINE 0
+#define MATVEC_PIPELINE 1
 #endif
 
 // Programmatic dependent launch (sm_90+): a decode kernel launched with the attribute may

@@ -60,8 +60,11 @@ pub const DECODE_BLOCK_WARPS: usize = 8;
 /// stream the weights at HBM bandwidth (≈ 132 SMs × 32 warps on an H100/H200).
 pub const DECODE_TARGET_WARPS: usize = 4096;
 /// Blocks per SM a decode matvec launches at most (`DECIMAMBA_DECODE_BLOCKS_PER_SM`
-/// overrides it; 0: no cap).
-pub const DECODE_BLOCKS_PER_SM: usize = 0;
+/// overrides it; 0: no cap). 3: decode 1,574 → 1,806 tokens/s (130m bf16) and 242 → 291
+/// (2.8b bf16) with MATVEC_PIPELINE on an H100, against 2 and 4 in the same run
+/// (docs/gpu-benchmarks.md): fewer, longer-lived blocks stage their input once for
+/// several row groups.
+pub const DECODE_BLOCKS_PER_SM: usize = 3;
 /// Blocks of the persistent decode step on `sms` SMs that each keep `resident` of its
 /// blocks (the occupancy the driver reports), at most `per_sm_cap` per SM (0: no cap).
 /// `None` when none can be resident: the per-stage kernels run instead. A cooperative
