@@ -46,6 +46,28 @@ fn tensor_ids(rows: &[Vec<u32>], device: &Device) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), rows[0].len()), device).unwrap()
 }
 
+/// Prefills the first `prompt` ids of each row (chunked, as generation does), then decodes
+/// `steps` tokens, feeding row r's id (prompt + i) mod len at step i; the logits of each step.
+fn prefill_then_step(
+    model: &MambaModel,
+    gpu: &Device,
+    rows: &[Vec<u32>],
+    prompt: usize,
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    let head: Vec<Vec<u32>> = rows.iter().map(|r| r[..prompt].to_vec()).collect();
+    let mut state = model.new_state(rows.len());
+    model
+        .prefill_chunked(&tensor_ids(&head, gpu), prompt, &mut state)
+        .unwrap();
+    (0..steps)
+        .map(|i| {
+            let step_ids: Vec<u32> = rows.iter().map(|r| r[(prompt + i) % r.len()]).collect();
+            model.step(&step_ids, &mut state).unwrap().values()
+        })
+        .collect()
+}
+
 const FIXTURES: &[(&str, &str)] = &[
     ("tiny-rms-hf", "tiny-rms.logits.json"),
     ("tiny-rms-orig", "tiny-rms.logits.json"),
@@ -144,15 +166,9 @@ fn half_precision_decode_matches_full_forward() {
             let full = model.forward(&tensor_ids(&ids, &gpu)).unwrap().values();
             let vocab = full.len() / (batch * len);
             let prompt = 5;
-            let mut state = model.new_state(batch);
-            let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..prompt].to_vec()).collect();
-            model
-                .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
-                .unwrap();
+            let steps = prefill_then_step(&model, &gpu, &ids, prompt, len - prompt);
             let mut worst = 0f32;
-            for pos in prompt..len {
-                let step_ids: Vec<u32> = ids.iter().map(|r| r[pos]).collect();
-                let got = model.step(&step_ids, &mut state).unwrap().values();
+            for (pos, got) in (prompt..len).zip(steps) {
                 for b in 0..batch {
                     let w = &full[(b * len + pos) * vocab..(b * len + pos + 1) * vocab];
                     let d = max_diff(&got[b * vocab..(b + 1) * vocab], w);
@@ -177,19 +193,7 @@ fn wide_batch_decode_uses_the_general_path_and_agrees() {
     let ids = ids_of(&json("tiny-rms.logits.json")["input_ids"]);
     let wide: Vec<Vec<u32>> = (0..9).map(|i| ids[i % ids.len()].clone()).collect();
     let prompt = 6;
-    let run = |rows: &[Vec<u32>]| {
-        let head: Vec<Vec<u32>> = rows.iter().map(|r| r[..prompt].to_vec()).collect();
-        let mut state = model.new_state(rows.len());
-        model
-            .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
-            .unwrap();
-        let mut out = Vec::new();
-        for pos in prompt..prompt + 4 {
-            let step_ids: Vec<u32> = rows.iter().map(|r| r[pos]).collect();
-            out.push(model.step(&step_ids, &mut state).unwrap().values());
-        }
-        out
-    };
+    let run = |rows: &[Vec<u32>]| prefill_then_step(&model, &gpu, rows, prompt, 4);
     let (narrow, wide) = (run(&ids), run(&wide));
     for (a, b) in narrow.iter().zip(&wide) {
         let d = max_diff(a, &b[..a.len()]);
@@ -205,16 +209,7 @@ fn persistent_decode_is_bit_identical_to_the_per_stage_kernels() {
     let gpu = cuda();
     let run = |model: &MambaModel, rows: &[Vec<u32>], prompt: usize, steps: usize, on: bool| {
         decimamba::model::set_persistent_decode(Some(on));
-        let head: Vec<Vec<u32>> = rows.iter().map(|r| r[..prompt].to_vec()).collect();
-        let mut state = model.new_state(rows.len());
-        model
-            .prefill_chunked(&tensor_ids(&head, &gpu), prompt, &mut state)
-            .unwrap();
-        let mut out = Vec::new();
-        for pos in 0..steps {
-            let step_ids: Vec<u32> = rows.iter().map(|r| r[(prompt + pos) % r.len()]).collect();
-            out.push(model.step(&step_ids, &mut state).unwrap().values());
-        }
+        let out = prefill_then_step(model, &gpu, rows, prompt, steps);
         decimamba::model::set_persistent_decode(None);
         out
     };
