@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints decimamba's GPU prefill timings next to the reference implementation's.
 
-Reads every *.json in DIR: our tool's reports (`decimamba bench --json`, e.g.
+Reads every *.json in DIR but scripts/gpu-tune.sh's tune-*.json: our tool's reports (`decimamba bench --json`, e.g.
 bench-130m-bf16.json) and scripts/gpu_reference_bench.py's (ref-<shape>-<dtype>.json).
 Both have "model" (e.g. "random-130m"), "dtype" ("bf16"; our tool writes "f32" where the
 reference writes "fp32": both read as fp32), and "prefill" / "prefill_decimated" maps from
@@ -65,6 +65,10 @@ def load_all(directory):
     in that order."""
     ours, ref, fused, ours_all = {}, {}, {}, {}
     for path in sorted(Path(directory).glob("*.json")):
+        # scripts/gpu-tune.sh's knob experiments (tune-*.json) may share the folder on a
+        # warm machine; they are not the run being compared.
+        if path.name.startswith("tune-"):
+            continue
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError) as e:
