@@ -572,6 +572,236 @@ extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS) scan_output(S
 }
 
 // ---------------------------------------------------------------------------------------
+// Single-pass selective scan: each d_state exponential once per token, against twice in the
+// chunked scan above (its summary pass, then its output pass). One warp per (batch, channel)
+// walks the sequence in windows of 32 · SS_ITEMS steps: lane l holds steps l·SS_ITEMS ..
+// +SS_ITEMS of the window. For each state n a lane folds its steps into (P, S) — the decay
+// exp(A_n ΣΔ) of its steps and their state from zero — a warp scan of those pairs (Blelloch
+// 1990's first-order recurrence, as mamba_ssm's selective_scan_fwd does across threads) gives
+// each lane the state entering its steps, and the lane replays them with the decays it kept
+// in registers, accumulating C_t · h_t. The window's end state carries to the next one.
+// SS_CHANNELS warps (adjacent channels) share one block, so that B_t and C_t, common to every
+// channel, and the channels' Δ and x are staged once per window through shared memory, read
+// from global memory in whole rows. SS_CHANNELS and SS_ITEMS come from the host
+// (gpu_plan::SingleScan), which also checks that the tiles fit the device's shared memory.
+#ifndef SS_CHANNELS
+#define SS_CHANNELS 4
+#endif
+#ifndef SS_ITEMS
+#define SS_ITEMS 8
+#endif
+#define SS_WINDOW (32 * SS_ITEMS)
+#define SS_THREADS (32 * SS_CHANNELS)
+// Channel-tile elements each thread stages (the window's steps × channels over the threads).
+#define SS_PER_THREAD SS_ITEMS
+// B/C elements of one row group a thread loads before storing them.
+#ifndef SS_LOADS
+#define SS_LOADS 8
+#endif
+// States per iteration of the state loop: all of them (registers only) by default; fewer
+// keep the loop's code small (a2 and the carried state then sit in shared memory).
+#ifndef SS_STATE_UNROLL
+#define SS_STATE_UNROLL NSTATE
+#endif
+// Tiles are [lane][item]. With SS_ITEMS a multiple of 4 a row holds SS_ITEMS floats, plus 4
+// where that makes the row an even number of 16-byte units, so that the lanes read their
+// items 16 bytes at a time with each quarter-warp on distinct banks; otherwise rows of
+// SS_ITEMS + 1, read a float at a time (32 banks for 32 lanes). The strides between tiles
+// are padded so that the staging stores (2 steps × 16 states, or 8 steps × 4 channels per
+// warp) spread over the banks too.
+#if SS_ITEMS % 4 == 0
+#define SS_VEC 1
+#define SS_ROW (SS_ITEMS % 8 == 0 ? SS_ITEMS + 4 : SS_ITEMS)
+#else
+#define SS_VEC 0
+#define SS_ROW (SS_ITEMS + 1)
+#endif
+#define SS_BC_STRIDE (32 * SS_ROW + 4)
+#define SS_CH_STRIDE (32 * SS_ROW + 8)
+#define SS_AT(j) (((j) / SS_ITEMS) * SS_ROW + (j) % SS_ITEMS)
+// SS_ITEMS floats of a lane's row into registers.
+__device__ __forceinline__ void ss_row(float* dst, const float* row) {
+#if SS_VEC
+#pragma unroll
+    for (int q = 0; q < SS_ITEMS / 4; ++q) {
+        const float4 v = reinterpret_cast<const float4*>(row)[q];
+        dst[4 * q] = v.x;
+        dst[4 * q + 1] = v.y;
+        dst[4 * q + 2] = v.z;
+        dst[4 * q + 3] = v.w;
+    }
+#else
+#pragma unroll
+    for (int k = 0; k < SS_ITEMS; ++k) dst[k] = row[k];
+#endif
+}
+// Grid: (⌈D / SS_CHANNELS⌉, 1, batch), SS_CHANNELS warps per block, and
+// 4 · (2 · NSTATE · SS_BC_STRIDE + 2 · SS_CHANNELS · SS_CH_STRIDE) bytes of dynamic shared
+// memory (gpu_plan::SingleScan::smem_bytes). From h0 ([B*D][NSTATE]); writes y and the
+// final state h1 (same layout).
+extern "C" __global__ void __launch_bounds__(SS_THREADS)
+    scan_single(SCAN_PARAMS, const float* __restrict__ h0, float* __restrict__ h1,
+                elem* __restrict__ y) {
+    extern __shared__ __align__(16) float ss_smem[];
+    float* sB = ss_smem;
+    float* sC = sB + NSTATE * SS_BC_STRIDE;
+    float* sDelta = sC + NSTATE * SS_BC_STRIDE;
+    float* sX = sDelta + SS_CHANNELS * SS_CH_STRIDE;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int b = blockIdx.z;
+    const int d0 = blockIdx.x * SS_CHANNELS;
+    const int d = d0 + w;
+    const bool active = d < D;
+    const i64 g = (i64)b * D + d;
+#if SS_STATE_UNROLL < NSTATE
+    // A rolled state loop indexes a2 and carry at run time: they live in shared memory.
+    __shared__ float ss_state[SS_CHANNELS][2][NSTATE];
+    float* a2 = ss_state[w][0];
+    float* carry = ss_state[w][1];
+#else
+    float a2[NSTATE], carry[NSTATE];
+#endif
+    if (active) {
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
+            carry[n] = h0[g * NSTATE + n];
+        }
+    }
+    // The channel this thread stages (blockDim.x is a multiple of SS_CHANNELS).
+    const int sc = threadIdx.x % SS_CHANNELS, sd = d0 + sc;
+    const bool s_active = sd < D;
+    float bias = 0.0f, scale = 1.0f, thresh = 0.0f, dskip = 0.0f;
+    if (s_active) {
+        bias = dt_bias[sd];
+        scale = dscale[sd];
+        thresh = dthresh[sd];
+        dskip = Dskip[sd];
+    }
+    const elem* bcb = bc + b * bc_bs;
+    const int base = w * SS_CH_STRIDE + lane * SS_ROW;
+    for (int t0 = 0; t0 < L; t0 += SS_WINDOW) {
+        const int nt = min(SS_WINDOW, L - t0);
+        __syncthreads();  // the previous window's output is read out of sDelta and sX
+        // Steps past the end get Δ = 0 and B = 0: decay 1 and no input, so they change nothing.
+        // Each thread issues SS_LOADS rows' loads before its first store, so that a window's
+        // staging waits on a few memory latencies, not on one per element.
+        for (int i0 = 0; i0 < SS_WINDOW * NSTATE; i0 += SS_THREADS * SS_LOADS) {
+            float bv[SS_LOADS], cv[SS_LOADS];
+#pragma unroll
+            for (int u = 0; u < SS_LOADS; ++u) {
+                const int i = i0 + u * SS_THREADS + threadIdx.x, j = i / NSTATE, n = i % NSTATE;
+                bv[u] = cv[u] = 0.0f;
+                if (i < SS_WINDOW * NSTATE && j < nt) {
+                    const elem* row = bcb + (i64)(t0 + j) * bc_rs;
+                    bv[u] = ld(row[b_off + n]);
+                    cv[u] = ld(row[c_off + n]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < SS_LOADS; ++u) {
+                const int i = i0 + u * SS_THREADS + threadIdx.x, j = i / NSTATE, n = i % NSTATE;
+                if (i < SS_WINDOW * NSTATE) {
+                    sB[n * SS_BC_STRIDE + SS_AT(j)] = bv[u];
+                    sC[n * SS_BC_STRIDE + SS_AT(j)] = cv[u];
+                }
+            }
+        }
+        {
+            float dv[SS_PER_THREAD], xv[SS_PER_THREAD];
+#pragma unroll
+            for (int u = 0; u < SS_PER_THREAD; ++u) {
+                const int j = (u * SS_THREADS + threadIdx.x) / SS_CHANNELS;
+                dv[u] = xv[u] = 0.0f;
+                if (j < nt && s_active) {
+                    const i64 r = ((i64)b * L + t0 + j) * D + sd;
+                    dv[u] = ld(dt[r]);
+                    xv[u] = ld(x[r]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < SS_PER_THREAD; ++u) {
+                const int j = (u * SS_THREADS + threadIdx.x) / SS_CHANNELS;
+                const bool in = j < nt && s_active;
+                sDelta[sc * SS_CH_STRIDE + SS_AT(j)] = in ? planned_delta(dv[u], bias, scale, thresh) : 0.0f;
+                sX[sc * SS_CH_STRIDE + SS_AT(j)] = xv[u];
+            }
+        }
+        __syncthreads();
+        if (active) {
+            float delta[SS_ITEMS], dx[SS_ITEMS], acc[SS_ITEMS];
+            ss_row(delta, sDelta + base);
+            ss_row(dx, sX + base);
+            float dsum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < SS_ITEMS; ++k) {
+                dx[k] *= delta[k];
+                acc[k] = 0.0f;
+                dsum += delta[k];
+            }
+            PRAGMA_UNROLL(SS_STATE_UNROLL)
+            for (int n = 0; n < NSTATE; ++n) {
+                float decay[SS_ITEMS], input[SS_ITEMS], ck[SS_ITEMS];
+                ss_row(input, sB + n * SS_BC_STRIDE + lane * SS_ROW);
+                float s = 0.0f;
+#pragma unroll
+                for (int k = 0; k < SS_ITEMS; ++k) {
+                    decay[k] = fast_exp2(delta[k] * a2[n]);
+                    input[k] *= dx[k];
+                    s = fmaf(decay[k], s, input[k]);
+                }
+                // The lane's decay in one exponential: Π_k exp(Δ_k A) = exp(A ΣΔ).
+                float p = fast_exp2(dsum * a2[n]);
+                // Inclusive scan over the lanes of (P, S) ∘ (P', S') = (P P', P' S + S').
+#pragma unroll
+                for (int off = 1; off < 32; off <<= 1) {
+                    const float pp = __shfl_up_sync(0xffffffffu, p, off);
+                    const float sp = __shfl_up_sync(0xffffffffu, s, off);
+                    if (lane >= off) {
+                        s = fmaf(p, sp, s);
+                        p *= pp;
+                    }
+                }
+                const float pe = __shfl_up_sync(0xffffffffu, p, 1);
+                const float se = __shfl_up_sync(0xffffffffu, s, 1);
+                float h = lane == 0 ? carry[n] : fmaf(pe, carry[n], se);
+                ss_row(ck, sC + n * SS_BC_STRIDE + lane * SS_ROW);
+#pragma unroll
+                for (int k = 0; k < SS_ITEMS; ++k) {
+                    h = fmaf(decay[k], h, input[k]);
+                    acc[k] = fmaf(h, ck[k], acc[k]);
+                }
+                // The window's end state: where the last lane's replay ended.
+                carry[n] = __shfl_sync(0xffffffffu, h, 31);
+            }
+            __syncwarp();
+#pragma unroll
+            for (int k = 0; k < SS_ITEMS; ++k) sDelta[base + k] = acc[k];
+        }
+        __syncthreads();
+        float zv[SS_PER_THREAD];
+#pragma unroll
+        for (int u = 0; u < SS_PER_THREAD; ++u) {
+            const int j = (u * SS_THREADS + threadIdx.x) / SS_CHANNELS;
+            zv[u] = j < nt && s_active ? ld(z[b * z_bs + (i64)(t0 + j) * z_rs + sd]) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SS_PER_THREAD; ++u) {
+            const int j = (u * SS_THREADS + threadIdx.x) / SS_CHANNELS;
+            if (j < nt && s_active) {
+                const int o = sc * SS_CH_STRIDE + SS_AT(j);
+                y[((i64)b * L + t0 + j) * D + sd] =
+                    st((sDelta[o] + dskip * sX[o]) * __fdividef(zv[u], 1.0f + __expf(-zv[u])));
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) h1[g * NSTATE + n] = carry[n];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Decode: one token per sequence, B ≤ MAXB sequences. A layer is four launches —
 // norm + in_proj + conv step, x_proj, dt_proj + scan step + gate, out_proj + residual
 // add — with the conv window and SSM state updated in place; or four stages of the one

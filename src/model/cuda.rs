@@ -23,8 +23,8 @@
 
 use super::super::gpu_plan::{
     conv_tile, decode_blocks, decode_fits, decode_split, env_number, persistent_blocks,
-    scan_chunks, scan_chunks_for, vec_ok, Work, DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS,
-    MAX_DECODE_BATCH,
+    scan_chunks, scan_chunks_for, vec_ok, ScanKind, SingleScan, Work, DECODE_BLOCKS_PER_SM,
+    DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -112,6 +112,10 @@ fn ptx_for(key: PtxKey) -> Result<&'static str> {
         format!("-DELEM={elem}"),
         "-std=c++17".into(),
     ];
+    if let ScanKind::Single(ss) = scan_kind()? {
+        options.push(format!("-DSS_CHANNELS={}", ss.channels));
+        options.push(format!("-DSS_ITEMS={}", ss.items));
+    }
     // For tuning experiments: e.g. "-DSCAN_UNROLL=2 -DSCAN_MIN_BLOCKS=6".
     if let Ok(extra) = std::env::var("DECIMAMBA_NVRTC_FLAGS") {
         options.extend(extra.split_whitespace().map(String::from));
@@ -706,6 +710,32 @@ fn scan_target_threads() -> Result<Option<usize>> {
         .map_err(|e| anyhow!(e))
 }
 
+/// `DECIMAMBA_SCAN`: which prefill scan runs (gpu_plan::ScanKind; default chunked).
+fn scan_kind() -> Result<ScanKind> {
+    static KIND: OnceLock<Result<ScanKind, String>> = OnceLock::new();
+    let name = "DECIMAMBA_SCAN";
+    KIND.get_or_init(|| match std::env::var(name) {
+        Ok(v) => ScanKind::parse(name, &v),
+        Err(_) => Ok(ScanKind::Chunked),
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// The single-pass scan's block when it is chosen and its tiles fit the device's shared
+/// memory at `d_state`; otherwise the chunked scan runs.
+fn single_scan(dev: &CudaDevice, d_state: usize) -> Result<Option<SingleScan>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+    Ok(match scan_kind()? {
+        ScanKind::Single(ss) => {
+            let optin = Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+            let max_smem = dev.cuda_stream().context().attribute(optin)?;
+            ss.fits(d_state, max_smem.max(0) as usize).then_some(ss)
+        }
+        ScanKind::Chunked => None,
+    })
+}
+
 /// The selective scan with fused discretisation, softplus, the plan's Δ scale and
 /// filter, and gating. Returns the gated output `[batch·len, d_inner]` (model dtype) and
 /// the final state `[batch, d_inner, d_state]` (f32).
@@ -769,6 +799,25 @@ pub fn selective_scan(
                 &c_off, &zp, &z_bs, &z_rs, &ap, &dsp, &b_, &l_, &d_, &cl_, $($extra),*
             )
         };
+    }
+    if let Some(ss) = single_scan(&dev, n)? {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as FnAttr;
+        let (gx, gy, gz) = ss.grid(batch, d);
+        let smem = ss.smem_bytes(n);
+        let single = LaunchConfig {
+            grid_dim: (gx as u32, gy as u32, gz as u32),
+            block_dim: ((32 * ss.channels) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // More than 48 KiB of dynamic shared memory needs the function's opt-in.
+        kernel!(&dev, "scan_single", p).set_attribute(
+            FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+        scan_pass!("scan_single", single, &hp, &h1p, &yp);
+        let tokens = (batch * len) as f64;
+        profile::lap_on(&dev, "scan: single pass", scan_work(tokens, d, n, eb, true));
+        return Ok((y, h1));
     }
     // Initial state of each chunk: h0 itself for one chunk, else the combined summaries.
     let (sums, hin, hin_c, hin_g, hin_n) = if n_chunks == 1 {

@@ -42,6 +42,88 @@ pub fn scan_chunks_for(
     (len.div_ceil(chunk_len).max(1), chunk_len)
 }
 
+/// Which prefill scan runs (`DECIMAMBA_SCAN`): the chunked two-pass scan, or the
+/// single-pass one (`scan_single` in cuda.kernels.cu) with its block shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanKind {
+    Chunked,
+    Single(SingleScan),
+}
+
+/// The single-pass scan's block: `channels` warps, one per channel, each lane holding
+/// `items` consecutive steps of a window of 32 · items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SingleScan {
+    pub channels: usize,
+    pub items: usize,
+}
+
+impl SingleScan {
+    /// 4 channels of 8 steps per lane (see [`SingleScan::smem_bytes`]).
+    pub const DEFAULT: SingleScan = SingleScan {
+        channels: 4,
+        items: 8,
+    };
+
+    /// Floats of one lane's row in a tile (`SS_ROW` in the kernels): `items` when a multiple
+    /// of 4 (plus 4 where that makes the row an even number of 16-byte units), else
+    /// `items + 1`.
+    pub fn row(&self) -> usize {
+        match (self.items % 4, self.items % 8) {
+            (0, 0) => self.items + 4,
+            (0, _) => self.items,
+            _ => self.items + 1,
+        }
+    }
+
+    /// Bytes of the block's dynamic shared memory: B and C for every state, Δ and x for
+    /// every channel, rows for 32 lanes, padded (`SS_BC_STRIDE`, `SS_CH_STRIDE`).
+    pub fn smem_bytes(&self, d_state: usize) -> usize {
+        let row = 32 * self.row();
+        4 * (2 * d_state * (row + 4) + 2 * self.channels * (row + 8))
+    }
+
+    /// Whether this block's tiles fit a device that grants `max_smem` bytes per block.
+    pub fn fits(&self, d_state: usize, max_smem: usize) -> bool {
+        self.smem_bytes(d_state) <= max_smem
+    }
+
+    /// The grid: one block per `channels` adjacent channels, one grid layer per sequence.
+    pub fn grid(&self, batch: usize, d_inner: usize) -> (usize, usize, usize) {
+        (d_inner.div_ceil(self.channels), 1, batch)
+    }
+}
+
+impl ScanKind {
+    /// `chunked`, `single`, or `single:C:K` (C channels per block, K steps per lane).
+    pub fn parse(name: &str, value: &str) -> Result<ScanKind, String> {
+        let bad = |why: &str| format!("{name}={value:?}: {why}");
+        let v = value.trim();
+        if v == "chunked" {
+            return Ok(ScanKind::Chunked);
+        }
+        if v == "single" {
+            return Ok(ScanKind::Single(SingleScan::DEFAULT));
+        }
+        let Some(shape) = v.strip_prefix("single:") else {
+            return Err(bad("expected chunked, single or single:CHANNELS:ITEMS"));
+        };
+        let parts: Vec<&str> = shape.split(':').collect();
+        let [c, k] = parts[..] else {
+            return Err(bad("expected single:CHANNELS:ITEMS"));
+        };
+        let number = |s: &str| s.parse::<usize>().map_err(|_| bad("not a number"));
+        let (channels, items) = (number(c)?, number(k)?);
+        if !(1..=32).contains(&channels) {
+            return Err(bad("channels per block must be 1..=32 (one warp each)"));
+        }
+        if !(1..=32).contains(&items) {
+            return Err(bad("steps per lane must be 1..=32"));
+        }
+        Ok(ScanKind::Single(SingleScan { channels, items }))
+    }
+}
+
 /// Tokens per thread of the prefill conv: 32, more when `len / 32` tiles would exceed the
 /// grid's y extent.
 pub fn conv_tile(len: usize) -> usize {
@@ -253,6 +335,60 @@ pub fn env_number<T: std::str::FromStr>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_scan_tiles_match_the_kernel_and_fall_back_when_too_large() {
+        let ss = SingleScan::DEFAULT;
+        // Rows of 12 floats (three 16-byte units would be odd: 8 + 4); 62,208 bytes at 16.
+        assert_eq!(ss.row(), 12);
+        assert_eq!(ss.smem_bytes(16), 4 * (2 * 16 * 388 + 2 * 4 * 392));
+        let shape = |channels, items| SingleScan { channels, items };
+        assert_eq!(shape(8, 4).row(), 4);
+        assert_eq!(shape(4, 12).row(), 12);
+        assert_eq!(shape(4, 16).row(), 20);
+        assert_eq!(shape(4, 5).row(), 6);
+        let h100 = 227 * 1024;
+        assert!(ss.fits(16, h100) && ss.fits(64, h100) && !ss.fits(16, 48 * 1024));
+        assert!(!shape(4, 16).fits(64, h100));
+        assert!(shape(8, 4).fits(16, 48 * 1024));
+        assert_eq!(ss.grid(2, 1536), (384, 1, 2));
+        assert_eq!(ss.grid(1, 1537), (385, 1, 1));
+        // The kernel lays its tiles out with the same strides.
+        let src = include_str!("cuda.kernels.cu");
+        for line in [
+            "#define SS_ROW (SS_ITEMS % 8 == 0 ? SS_ITEMS + 4 : SS_ITEMS)",
+            "#define SS_ROW (SS_ITEMS + 1)",
+            "#define SS_BC_STRIDE (32 * SS_ROW + 4)",
+            "#define SS_CH_STRIDE (32 * SS_ROW + 8)",
+        ] {
+            assert!(src.contains(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn scan_kind_parses_and_names_bad_values() {
+        let p = |v| ScanKind::parse("DECIMAMBA_SCAN", v);
+        assert_eq!(p("chunked"), Ok(ScanKind::Chunked));
+        assert_eq!(p("single"), Ok(ScanKind::Single(SingleScan::DEFAULT)));
+        assert_eq!(
+            p("single:8:4"),
+            Ok(ScanKind::Single(SingleScan {
+                channels: 8,
+                items: 4
+            }))
+        );
+        for bad in [
+            "",
+            "fast",
+            "single:8",
+            "single:0:8",
+            "single:4:64",
+            "single:a:8",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(e.starts_with("DECIMAMBA_SCAN="), "{e}");
+        }
+    }
 
     #[test]
     fn scan_chunks_cover_the_sequence_and_fill_the_gpu() {
