@@ -9,7 +9,7 @@
 # DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
 # -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
-# TUNE_SET=decode and TUNE_SET=prefill: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
+# TUNE_SET=decode, TUNE_SET=scan and TUNE_SET=prefill: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
 # current kernels (prefill at TUNE_LENGTHS, default 32k, and decode), then the decode profiles. Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
@@ -25,10 +25,15 @@ source scripts/gpu-env.sh >/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 status=0
 if [[ ${TUNE_TESTS:-0} == 1 ]]; then
-    DECIMAMBA_NVRTC_FLAGS=${TUNE_TEST_FLAGS:-} timeout 240 "$BIN/gpu-tests" --test-threads 1 >"$OUT/gpu-tests.log" 2>&1
-    rc=$?
-    echo "gpu tests exit $rc: $(grep -E '^test result' "$OUT/gpu-tests.log" | tail -1)" | tee -a "$OUT/tune.md"
-    [[ $rc == 0 ]] || status=1
+    # TUNE_TEST_ENV: more runs of the tests, one per space-separated NAME=VALUE (e.g.
+    # DECIMAMBA_SCAN=single), after the one with the defaults.
+    for test_env in DEFAULTS=1 ${TUNE_TEST_ENV:-}; do
+        log="$OUT/gpu-tests-${test_env//[^A-Za-z0-9_=-]/-}.log"
+        env "$test_env" DECIMAMBA_NVRTC_FLAGS=${TUNE_TEST_FLAGS:-} timeout 240 "$BIN/gpu-tests" --test-threads 1 >"$log" 2>&1
+        rc=$?
+        echo "gpu tests ($test_env) exit $rc: $(grep -E '^test result' "$log" | tail -1)" | tee -a "$OUT/tune.md"
+        [[ $rc == 0 ]] || status=1
+    done
 fi
 BASE=.gpu/baseline.cu
 
@@ -108,6 +113,29 @@ if [[ ${TUNE_SET:-all} == decode ]]; then
             profile-staged) one "$shape-profile-staged" 100 $STAGED DECIMAMBA_CUDA_PROFILE=1 -- $P ;;
             *) echo "gpu-tune: unknown TUNE_DECODE_RUNS entry $run" >&2; exit 2 ;;
             esac
+        done
+    done
+    exit $status
+fi
+# TUNE_SET=scan: the single-pass scan (DECIMAMBA_SCAN=single, and the block shapes in
+# TUNE_SCAN, TUNE_SCAN_FLAGS) against the chunked one at 32K and 128K, then both stage profiles at 32K (run
+# the tests with TUNE_TEST_ENV=DECIMAMBA_SCAN=single first).
+if [[ ${TUNE_SET:-all} == scan ]]; then
+    for shape in 130m 2.8b; do
+        P="--shape $shape --lengths 32k,128k --decode 0"
+        one "$shape-chunked" 150 DECIMAMBA_SCAN=chunked -- $P
+        for kind in ${TUNE_SCAN:-single single:8:4 single:4:16 single:16:4 single:8:8}; do
+            one "$shape-${kind//:/-}" 150 DECIMAMBA_SCAN=$kind -- $P
+        done
+        # TUNE_SCAN_FLAGS: the default single-pass shape under each ';'-separated set of
+        # defines (e.g. "-DSS_LOADS=16;-DSS_LOADS=4").
+        IFS=';' read -ra flag_sets <<<"${TUNE_SCAN_FLAGS:-}"
+        for flags in "${flag_sets[@]}"; do
+            one "$shape-single${flags//[^A-Za-z0-9_]/}" 150 DECIMAMBA_SCAN=single "DECIMAMBA_NVRTC_FLAGS=$flags" -- $P
+        done
+        for kind in chunked single; do
+            one "$shape-32k-profile-$kind" 150 DECIMAMBA_CUDA_PROFILE=1 DECIMAMBA_SCAN=$kind -- \
+                --shape $shape --lengths 32k --decode 0
         done
     done
     exit $status
