@@ -395,22 +395,25 @@ __device__ __forceinline__ float scan_decay(int n, float x) {
         const float *__restrict__ A, const float *__restrict__ Dskip, int B, int L, int D,    \
         int chunk_len
 
-// A row of NSTATE floats from shared memory, 16 bytes per load where the size allows
-// (every channel of the block reads the same row: broadcasts, and fewer of them).
+// N floats of a row in shared memory into registers, 16 bytes per load where N allows (the
+// row then starts 16-byte aligned). The chunked scan reads B_t and C_t (N = NSTATE: every
+// channel of the block reads the same row, so broadcasts, and fewer of them), the
+// single-pass scan a lane's steps (N = SS_ITEMS).
+template <int N>
 __device__ __forceinline__ void load_row(float* dst, const float* row) {
-#if NSTATE % 4 == 0
+    if constexpr (N % 4 == 0) {
 #pragma unroll
-    for (int q = 0; q < NSTATE / 4; ++q) {
-        const float4 v = reinterpret_cast<const float4*>(row)[q];
-        dst[4 * q] = v.x;
-        dst[4 * q + 1] = v.y;
-        dst[4 * q + 2] = v.z;
-        dst[4 * q + 3] = v.w;
+        for (int q = 0; q < N / 4; ++q) {
+            const float4 v = reinterpret_cast<const float4*>(row)[q];
+            dst[4 * q] = v.x;
+            dst[4 * q + 1] = v.y;
+            dst[4 * q + 2] = v.z;
+            dst[4 * q + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int n = 0; n < N; ++n) dst[n] = row[n];
     }
-#else
-#pragma unroll
-    for (int n = 0; n < NSTATE; ++n) dst[n] = row[n];
-#endif
 }
 
 // Grid: (channel blocks, chunks, batch). OUT = false: the summary pass (S, T);
@@ -482,10 +485,10 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
             const float xv = ld(x[r]);
             const float dx = delta * xv;
             float bk[NSTATE];
-            load_row(bk, sB[k]);
+            load_row<NSTATE>(bk, sB[k]);
             if (OUT) {
                 float ck[NSTATE];
-                load_row(ck, sC[k]);
+                load_row<NSTATE>(ck, sC[k]);
                 float acc = 0.0f;
 #pragma unroll
                 for (int n = 0; n < NSTATE; ++n) {
@@ -610,31 +613,13 @@ extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS) scan_output(S
 // are padded so that the staging stores (2 steps × 16 states, or 8 steps × 4 channels per
 // warp) spread over the banks too.
 #if SS_ITEMS % 4 == 0
-#define SS_VEC 1
 #define SS_ROW (SS_ITEMS % 8 == 0 ? SS_ITEMS + 4 : SS_ITEMS)
 #else
-#define SS_VEC 0
 #define SS_ROW (SS_ITEMS + 1)
 #endif
 #define SS_BC_STRIDE (32 * SS_ROW + 4)
 #define SS_CH_STRIDE (32 * SS_ROW + 8)
 #define SS_AT(j) (((j) / SS_ITEMS) * SS_ROW + (j) % SS_ITEMS)
-// SS_ITEMS floats of a lane's row into registers.
-__device__ __forceinline__ void ss_row(float* dst, const float* row) {
-#if SS_VEC
-#pragma unroll
-    for (int q = 0; q < SS_ITEMS / 4; ++q) {
-        const float4 v = reinterpret_cast<const float4*>(row)[q];
-        dst[4 * q] = v.x;
-        dst[4 * q + 1] = v.y;
-        dst[4 * q + 2] = v.z;
-        dst[4 * q + 3] = v.w;
-    }
-#else
-#pragma unroll
-    for (int k = 0; k < SS_ITEMS; ++k) dst[k] = row[k];
-#endif
-}
 // Grid: (⌈D / SS_CHANNELS⌉, 1, batch), SS_CHANNELS warps per block, and
 // 4 · (2 · NSTATE · SS_BC_STRIDE + 2 · SS_CHANNELS · SS_CH_STRIDE) bytes of dynamic shared
 // memory (gpu_plan::SingleScan::smem_bytes). From h0 ([B*D][NSTATE]); writes y and the
@@ -730,8 +715,8 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
         __syncthreads();
         if (active) {
             float delta[SS_ITEMS], dx[SS_ITEMS], acc[SS_ITEMS];
-            ss_row(delta, sDelta + base);
-            ss_row(dx, sX + base);
+            load_row<SS_ITEMS>(delta, sDelta + base);
+            load_row<SS_ITEMS>(dx, sX + base);
             float dsum = 0.0f;
 #pragma unroll
             for (int k = 0; k < SS_ITEMS; ++k) {
@@ -742,7 +727,7 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
             PRAGMA_UNROLL(SS_STATE_UNROLL)
             for (int n = 0; n < NSTATE; ++n) {
                 float decay[SS_ITEMS], input[SS_ITEMS], ck[SS_ITEMS];
-                ss_row(input, sB + n * SS_BC_STRIDE + lane * SS_ROW);
+                load_row<SS_ITEMS>(input, sB + n * SS_BC_STRIDE + lane * SS_ROW);
                 float s = 0.0f;
 #pragma unroll
                 for (int k = 0; k < SS_ITEMS; ++k) {
@@ -765,7 +750,7 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
                 const float pe = __shfl_up_sync(0xffffffffu, p, 1);
                 const float se = __shfl_up_sync(0xffffffffu, s, 1);
                 float h = lane == 0 ? carry[n] : fmaf(pe, carry[n], se);
-                ss_row(ck, sC + n * SS_BC_STRIDE + lane * SS_ROW);
+                load_row<SS_ITEMS>(ck, sC + n * SS_BC_STRIDE + lane * SS_ROW);
 #pragma unroll
                 for (int k = 0; k < SS_ITEMS; ++k) {
                     h = fmaf(decay[k], h, input[k]);
