@@ -7,9 +7,10 @@
 #   run(command="bash scripts/gpu-tune.sh", carry=[".gpu"])
 # Knobs (README, "Knobs for GPU work"): DECIMAMBA_CUDA_SOURCE (another kernel file),
 # DECIMAMBA_NVRTC_FLAGS (-DSCAN_UNROLL, -DSCAN_MIN_BLOCKS, -DTILE, -DSCAN_PREFETCH,
-# -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
+# -DMATVEC_UNROLL, -DMATVEC_MIN_BLOCKS, -DMATVEC_EVICT_FIRST, -DL2_PREFETCH_LINES),
+# DECIMAMBA_DECODE_PREFETCH_MB (L2 prefetch lead of decode), DECIMAMBA_SCAN_TARGET_THREADS (time chunks of the
 # scan), DECIMAMBA_CUDA_PDL=0 (decode without programmatic dependent launch).
-# TUNE_SET=decode, TUNE_SET=scan and TUNE_SET=prefill: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
+# TUNE_SET=decode, TUNE_SET=scan, TUNE_SET=prefetch and TUNE_SET=prefill: see below. TUNE_TESTS=1 first runs the GPU tests (with TUNE_TEST_FLAGS as DECIMAMBA_NVRTC_FLAGS); TUNE_SET=base times only the baseline against the
 # current kernels (prefill at TUNE_LENGTHS, default 32k, and decode), then the decode profiles. Writes $OUT/tune.md (one line per run) and the
 # bench JSON of each run.
 set -uo pipefail
@@ -136,6 +137,26 @@ if [[ ${TUNE_SET:-all} == scan ]]; then
         for kind in chunked single; do
             one "$shape-32k-profile-$kind" 150 DECIMAMBA_CUDA_PROFILE=1 DECIMAMBA_SCAN=$kind -- \
                 --shape $shape --lengths 32k --decode 0
+        done
+    done
+    exit $status
+fi
+# TUNE_SET=prefetch: decode with the weights prefetched into L2 ahead of the matvecs, at
+# each lead in TUNE_PREFETCH (MiB; 0: none), then at TUNE_PREFETCH_FLAGS_AT MiB under each
+# ';'-separated set of defines in TUNE_PREFETCH_FLAGS (e.g. -DL2_PREFETCH_LINES=1), for the
+# shapes in TUNE_SHAPES (run the tests with TUNE_TEST_ENV=DECIMAMBA_DECODE_PREFETCH_MB=24
+# first).
+if [[ ${TUNE_SET:-all} == prefetch ]]; then
+    for shape in ${TUNE_SHAPES:-130m 2.8b}; do
+        D="--shape $shape --lengths 2k --decode 256"
+        for mib in ${TUNE_PREFETCH:-0 8 16 24 32 48}; do
+            one "$shape-prefetch-$mib" 150 DECIMAMBA_DECODE_PREFETCH_MB=$mib -- $D
+        done
+        IFS=';' read -ra flag_sets <<<"${TUNE_PREFETCH_FLAGS:-}"
+        for flags in "${flag_sets[@]}"; do
+            at=${TUNE_PREFETCH_FLAGS_AT:-24}
+            one "$shape-prefetch-$at${flags//[^A-Za-z0-9_]/}" 150 DECIMAMBA_DECODE_PREFETCH_MB=$at \
+                "DECIMAMBA_NVRTC_FLAGS=$flags" -- $D
         done
     done
     exit $status

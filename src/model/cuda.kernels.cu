@@ -989,6 +989,80 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
+// Weights a decode kernel prefetches into L2 for the kernels after it (host:
+// gpu_plan::decode_prefetch): the weight stream then runs a fixed number of bytes ahead of
+// the matvecs, so HBM keeps streaming through the latency-bound stages (x_proj, the scan
+// step) and the kernel boundaries. `n` ranges of 16-byte-aligned bytes at `ranges`
+// (address, length pairs); n 0: none.
+struct Prefetch {
+    const i64* ranges;
+    int n;
+};
+
+// 1: prefetch 128-byte lines with prefetch.global.L2 even where the bulk prefetch exists.
+#ifndef L2_PREFETCH_LINES
+#define L2_PREFETCH_LINES 0
+#endif
+
+// Part `part` of `parts` of this block's share of the prefetches: each range is cut into
+// parts × gridDim.x pieces of whole 16-byte units (the last ones may be empty), part-major, so that at every part the
+// grid prefetches the next stretch of each range in the order the later kernel reads it.
+// sm_90: one thread hands its pieces to the bulk-copy unit (cp.async.bulk.prefetch.L2),
+// which fetches them without holding the thread; before: the block's threads issue one
+// line prefetch each per 128 bytes.
+__device__ __forceinline__ void prefetch_part(Prefetch pf, int part, int parts) {
+    // 32-bit division: a 64-bit one is a subroutine with a stack frame. A range is under
+    // 64 GiB (host: decode_prefetch).
+    const unsigned pieces = (unsigned)parts * gridDim.x, piece = part * gridDim.x + blockIdx.x;
+    for (int r = 0; r < pf.n; ++r) {
+        const unsigned units = (unsigned)(pf.ranges[2 * r + 1] >> 4);
+        const unsigned per = units / pieces + (units % pieces != 0);
+        const i64 u0 = min((i64)piece * per, (i64)units), u1 = min(u0 + per, (i64)units);
+        const char* p = reinterpret_cast<const char*>(pf.ranges[2 * r]) + u0 * 16;
+        const i64 len = (u1 - u0) * 16;
+#if __CUDA_ARCH__ >= 900 && !L2_PREFETCH_LINES
+        if (threadIdx.x == 0)
+            for (i64 o = 0; o < len; o += 1 << 16) {
+                const unsigned bytes = (unsigned)min((i64)1 << 16, len - o);
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(bytes)
+                             : "memory");
+            }
+#else
+        for (i64 o = (i64)threadIdx.x * 128; o < len; o += (i64)blockDim.x * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+#endif
+    }
+}
+
+// Rounds of rows a decode matvec of N rows, `rows` per block, takes: its prefetches come
+// in that many parts (at least one).
+__device__ __forceinline__ int prefetch_parts(int N, int rows) {
+    const int groups = (N + rows - 1) / rows;
+    return max(1, (groups + (int)gridDim.x - 1) / (int)gridDim.x);
+}
+
+// 1: the matvecs' weight loads ask L2 to evict their lines first, so that a stream of
+// weights not prefetched does not push out the prefetched ones before they are read.
+#ifndef MATVEC_EVICT_FIRST
+#define MATVEC_EVICT_FIRST 0
+#endif
+
+// One 16-byte load of weights (read once a step: no L1 allocation).
+__device__ __forceinline__ uint4 ld_weights(const uint4* p) {
+#if MATVEC_EVICT_FIRST && __CUDA_ARCH__ >= 800
+    uint4 v;
+    asm volatile(
+        "{\n\t.reg .b64 pol;\n\t"
+        "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
+        "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+#else
+    return __ldg(p);
+#endif
+}
+
 // A warp's share of a decode matvec: `split` warps per row, each a contiguous slice
 // [u0, u1) of the row's 16-byte chunks (or elements, without vec_ok).
 struct MatvecSlice {
@@ -1018,7 +1092,7 @@ __device__ __forceinline__ void first_loads(uint4* pre, const elem* __restrict__
 #pragma unroll
     for (int j = 0; j < MATVEC_UNROLL; ++j) {
         const int u = sl.u0 + lane + 32 * j;
-        pre[j] = vec_ok && n < N && u < sl.u1 ? __ldg(wv + u) : make_uint4(0, 0, 0, 0);
+        pre[j] = vec_ok && n < N && u < sl.u1 ? ld_weights(wv + u) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -1051,12 +1125,15 @@ __device__ __forceinline__ void fma_chunk(float* acc, const float* w, const floa
 //   OUT = 0: stored in the model dtype; OUT = 1: stored as f32 (logits);
 //   OUT = 2: added to the f32 residual in place (rounded when round_res);
 //   OUT = 3: stored in the model dtype, and rows n < conv.D run the conv step.
-// `pre` holds the lane's first loads (first_loads).
+// `pre` holds the lane's first loads (first_loads). Each round of rows after the first
+// issues the next part of the block's prefetches (the first is issued before
+// griddep_wait), one part per round, so they keep pace with the weights read.
 template <int OUT, bool CG = false>
 __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
                             const elem* __restrict__ bias, void* __restrict__ yout, int B, int K,
                             int N, int vec_ok, int split, int round_res, const uint4* pre,
-                            ConvStep conv = ConvStep{}) {
+                            ConvStep conv = ConvStep{}, const i64* pf_ranges = nullptr,
+                            int pf_n = 0) {
     __shared__ float part[MAXB][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const MatvecSlice sl = matvec_slice(K, vec_ok, split);
@@ -1064,8 +1141,13 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
     uint4 q[MATVEC_UNROLL];  // MATVEC_PIPELINE: the lane's current group of weight loads
 #pragma unroll
     for (int j = 0; j < MATVEC_UNROLL; ++j) q[j] = pre[j];
+    const Prefetch pf{pf_ranges, pf_n};
+    const int parts = prefetch_parts(N, rows);
+    int round = 0;
     // n0 is the same for the whole block, so every thread meets the barriers.
     for (int n0 = blockIdx.x * rows; n0 < N; n0 += gridDim.x * rows) {
+        if (round > 0) prefetch_part(pf, round, parts);
+        ++round;
         const int n = n0 + rloc;
         float acc[MAXB];
 #pragma unroll
@@ -1085,7 +1167,7 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
                     uint4 next[MATVEC_UNROLL];
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j)
-                        next[j] = nn < N && ub + 32 * j < u1 ? __ldg(wn + ub + 32 * j)
+                        next[j] = nn < N && ub + 32 * j < u1 ? ld_weights(wn + ub + 32 * j)
                                                              : make_uint4(0, 0, 0, 0);
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j) {
@@ -1106,7 +1188,7 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j)
                         g[j] = first            ? pre[j]
-                               : u + 32 * j < u1 ? __ldg(wv + u + 32 * j)
+                               : u + 32 * j < u1 ? ld_weights(wv + u + 32 * j)
                                                  : make_uint4(0, 0, 0, 0);
 #pragma unroll
                     for (int j = 0; j < MATVEC_UNROLL; ++j) {
@@ -1158,6 +1240,8 @@ __device__ void matvec_rows(const float* xs, const elem* __restrict__ W,
             }
         }
     }
+    // A block with one round fewer than the grid's issues its last part here.
+    for (int p = max(round, 1); p < parts; ++p) prefetch_part(pf, p, parts);
 }
 
 #define MATVEC_W                                                                          \
@@ -1171,16 +1255,19 @@ extern __shared__ float staged[];
 // norm(residual) · in_projᵀ (OUT 0) or · lm_headᵀ (OUT 1, f32 logits).
 template <int OUT>
 __device__ void norm_matvec(const float* res, const elem* nw, const elem* nb, float eps,
-                            int round_res, MATVEC_W, int split, ConvStep conv = ConvStep{}) {
+                            int round_res, MATVEC_W, int split, Prefetch pf,
+                            ConvStep conv = ConvStep{}) {
     uint4 pre[MATVEC_UNROLL];
     first_loads(pre, W, K, N, vec_ok, split);
+    prefetch_part(pf, 0, prefetch_parts(N, (blockDim.x >> 5) / split));
     griddep_wait();
     griddep_launch_dependents();
     float* xs = staged;
     __shared__ float sh[32];
     stage_norm(xs, res, nw, nb, eps, B, K, sh);
     __syncthreads();
-    matvec_rows<OUT>(xs, W, bias, yout, B, K, N, vec_ok, split, round_res, pre, conv);
+    matvec_rows<OUT>(xs, W, bias, yout, B, K, N, vec_ok, split, round_res, pre, conv, pf.ranges,
+                     pf.n);
 }
 
 // norm(residual) · in_projᵀ → xz, and the conv step on its x half → x_t.
@@ -1190,41 +1277,51 @@ extern "C" __global__ void MATVEC_BOUNDS matvec_norm_conv(const float* __restric
                                             MATVEC_W, float* __restrict__ window,
                                             const float* __restrict__ wt,
                                             const float* __restrict__ cbias,
-                                            elem* __restrict__ xconv, int D, int split) {
+                                            elem* __restrict__ xconv, int D, int split,
+                                            const i64* __restrict__ pf, int npf) {
     const ConvStep conv{window, wt, cbias, xconv, D};
-    norm_matvec<3>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok, split, conv);
+    norm_matvec<3>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok, split,
+                   Prefetch{pf, npf}, conv);
 }
 
 extern "C" __global__ void MATVEC_BOUNDS matvec_norm_logits(const float* __restrict__ res,
                                               const elem* __restrict__ nw,
                                               const elem* __restrict__ nb, float eps,
-                                              int round_res, MATVEC_W, int split) {
-    norm_matvec<1>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok, split);
+                                              int round_res, MATVEC_W, int split,
+                                              const i64* __restrict__ pf, int npf) {
+    norm_matvec<1>(res, nw, nb, eps, round_res, W, bias, yout, B, K, N, vec_ok, split,
+                   Prefetch{pf, npf});
 }
 
 // x_t · x_projᵀ: dt, B and C in the model dtype.
-extern "C" __global__ void MATVEC_BOUNDS matvec_plain(const elem* __restrict__ x, MATVEC_W, int split) {
+extern "C" __global__ void MATVEC_BOUNDS matvec_plain(const elem* __restrict__ x, MATVEC_W, int split,
+                                                      const i64* __restrict__ pf, int npf) {
     uint4 pre[MATVEC_UNROLL];
     first_loads(pre, W, K, N, vec_ok, split);
+    const Prefetch p{pf, npf};
+    prefetch_part(p, 0, prefetch_parts(N, (blockDim.x >> 5) / split));
     griddep_wait();
     griddep_launch_dependents();
     float* xs = staged;
     stage_plain(xs, x, B, K);
     __syncthreads();
-    matvec_rows<0>(xs, W, bias, yout, B, K, N, vec_ok, split, 0, pre);
+    matvec_rows<0>(xs, W, bias, yout, B, K, N, vec_ok, split, 0, pre, ConvStep{}, pf, npf);
 }
 
 // y · out_projᵀ added to the residual in place.
 extern "C" __global__ void MATVEC_BOUNDS matvec_residual(const elem* __restrict__ x, int round_res, MATVEC_W,
-                                           int split) {
+                                           int split, const i64* __restrict__ pf, int npf) {
     uint4 pre[MATVEC_UNROLL];
     first_loads(pre, W, K, N, vec_ok, split);
+    const Prefetch p{pf, npf};
+    prefetch_part(p, 0, prefetch_parts(N, (blockDim.x >> 5) / split));
     griddep_wait();
     griddep_launch_dependents();
     float* xs = staged;
     stage_plain(xs, x, B, K);
     __syncthreads();
-    matvec_rows<2>(xs, W, bias, yout, B, K, N, vec_ok, split, round_res, pre);
+    matvec_rows<2>(xs, W, bias, yout, B, K, N, vec_ok, split, round_res, pre, ConvStep{}, pf,
+                   npf);
 }
 
 // The residual stream of a decode step: residual[b] = embedding[ids[b]] in f32.
@@ -1280,7 +1377,9 @@ extern "C" __global__ void scan_step(const elem* __restrict__ x, const elem* __r
                                      const elem* __restrict__ dt_w,
                                      const float* __restrict__ dt_bias,
                                      const float* __restrict__ A, const float* __restrict__ Dskip,
-                                     float* __restrict__ h, elem* __restrict__ y, int B, int D) {
+                                     float* __restrict__ h, elem* __restrict__ y, int B, int D,
+                                     const i64* __restrict__ pf, int npf) {
+    prefetch_part(Prefetch{pf, npf}, 0, 1);
     griddep_wait();
     griddep_launch_dependents();
     const int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (b, d) of this warp

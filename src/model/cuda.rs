@@ -22,9 +22,9 @@
 //! are passed explicitly.
 
 use super::super::gpu_plan::{
-    conv_tile, decode_blocks, decode_fits, decode_split, env_number, persistent_blocks,
-    scan_chunks, scan_chunks_for, vec_ok, ScanKind, SingleScan, Work, DECODE_BLOCKS_PER_SM,
-    DECODE_BLOCK_WARPS, MAX_DECODE_BATCH,
+    conv_tile, decode_blocks, decode_fits, decode_prefetch, decode_split, env_number,
+    persistent_blocks, scan_chunks, scan_chunks_for, vec_ok, ScanKind, SingleScan, Work,
+    DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS, DECODE_PREFETCH_MIB, MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -38,7 +38,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Shape, Storage, Tensor};
 use half::{bf16, f16};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 const SOURCE: &str = include_str!("cuda.kernels.cu");
@@ -291,6 +291,36 @@ fn decode_max_blocks(dev: &CudaDevice) -> Result<usize> {
     })
     .clone()
     .map_err(|e| anyhow!(e))
+}
+
+/// Bytes the decode step's weight prefetches lead by: [`set_decode_prefetch_mib`]'s, else
+/// `DECIMAMBA_DECODE_PREFETCH_MB` MiB (default gpu_plan::DECODE_PREFETCH_MIB).
+fn decode_prefetch_lead() -> Result<u64> {
+    static LEAD: OnceLock<Result<u64, String>> = OnceLock::new();
+    match PREFETCH_OVERRIDE.load(Ordering::Relaxed) {
+        0 => {}
+        set => return Ok(set - 1),
+    }
+    LEAD.get_or_init(|| {
+        let name = "DECIMAMBA_DECODE_PREFETCH_MB";
+        let mib = env_number::<f64>(name, std::env::var(name).ok().as_deref())?
+            .unwrap_or(DECODE_PREFETCH_MIB);
+        if !(mib.is_finite() && mib >= 0.0) {
+            return Err(format!("{name}={mib} must be a size in MiB, 0 or more"));
+        }
+        Ok((mib * 1048576.0) as u64)
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// [`set_decode_prefetch_mib`]'s lead in bytes plus one; 0: none set.
+static PREFETCH_OVERRIDE: AtomicU64 = AtomicU64::new(0);
+
+/// Overrides the decode prefetch lead for the process (`None`: as the environment says).
+pub fn set_decode_prefetch_mib(mib: Option<f64>) {
+    let bytes = mib.map_or(0, |m| (m.max(0.0) * 1048576.0) as u64 + 1);
+    PREFETCH_OVERRIDE.store(bytes, Ordering::Relaxed);
 }
 
 /// Launches `func` on the device's stream allowing it to overlap the kernel before it
@@ -944,6 +974,10 @@ struct DecodeBuffers {
     barrier: CudaSlice<u32>,
     /// Whether the step runs as the persistent launch (its table is filled).
     persistent: bool,
+    /// The per-stage kernels' L2 prefetches (gpu_plan::decode_prefetch): (address, bytes)
+    /// pairs, and each weight-reading kernel's first pair and count, in launch order.
+    prefetch_ranges: CudaSlice<u64>,
+    prefetch_spans: Vec<(usize, usize)>,
 }
 
 /// Device addresses of [`DecodeBuffers`].
@@ -958,6 +992,8 @@ struct DecodePtrs {
     layer_table: u64,
     barrier: u64,
     persistent: bool,
+    /// Each weight-reading kernel's prefetch table address and count (DecodeBuffers).
+    prefetch: Vec<(u64, i32)>,
 }
 
 impl DecodeBuffers {
@@ -976,6 +1012,12 @@ impl DecodeBuffers {
         }
         let layer_table = dev.cuda_stream().clone_htod(&table)?;
         let barrier = dev.cuda_stream().alloc_zeros::<u32>(1)?;
+        let plan = decode_prefetch(&Self::weight_streams(m, d)?, decode_prefetch_lead()?);
+        let mut pairs: Vec<u64> = plan.ranges.iter().flat_map(|&(a, n)| [a, n]).collect();
+        if pairs.is_empty() {
+            pairs.resize(2, 0);
+        }
+        let prefetch_ranges = dev.cuda_stream().clone_htod(&pairs)?;
         // SAFETY: each kernel of a step writes its output buffer before the next reads it
         // (embed_rows the residual, in_proj xz, ...); ids are copied in before the step.
         unsafe {
@@ -990,12 +1032,41 @@ impl DecodeBuffers {
                 layer_table,
                 barrier,
                 persistent,
+                prefetch_ranges,
+                prefetch_spans: plan.spans,
             })
         }
     }
 
+    /// The (address, bytes) of the weights each weight-reading kernel of the per-stage step
+    /// reads, in launch order: per layer in_proj, x_proj, dt_proj (the scan step), out_proj;
+    /// then the LM head.
+    fn weight_streams(m: &DecodeModel, d: &DecodeDims) -> Result<Vec<(u64, u64)>> {
+        let et = m.dtype;
+        let eb = et.size_in_bytes() as u64;
+        let (dm, di) = (d.d_model as u64, d.d_inner as u64);
+        let mut streams = Vec::with_capacity(4 * m.layers.len() + 1);
+        for l in &m.layers {
+            let p = LayerPtrs::of(l, et)?;
+            streams.extend([
+                (p.in_w, 2 * di * dm * eb),
+                (p.x_w, d.xw as u64 * di * eb),
+                (p.dt_w, di * d.dt_rank as u64 * eb),
+                (p.out_w, dm * di * eb),
+            ]);
+        }
+        streams.push((dptr(m.lm_head, et, "lm_head")?, d.vocab as u64 * dm * eb));
+        Ok(streams)
+    }
+
     fn ptrs(&self, dev: &CudaDevice) -> DecodePtrs {
         let s = dev.cuda_stream();
+        let base = self.prefetch_ranges.device_ptr(&s).0;
+        let prefetch = self
+            .prefetch_spans
+            .iter()
+            .map(|&(first, n)| (base + 16 * first as u64, n as i32))
+            .collect();
         let ptrs = DecodePtrs {
             ids: self.ids.device_ptr(&s).0,
             residual: self.residual.device_ptr(&s).0,
@@ -1007,6 +1078,7 @@ impl DecodeBuffers {
             layer_table: self.layer_table.device_ptr(&s).0,
             barrier: self.barrier.device_ptr(&s).0,
             persistent: self.persistent,
+            prefetch,
         };
         ptrs
     }
@@ -1071,7 +1143,11 @@ pub fn decode_step(m: &DecodeModel, ids: &[u32], cache: Option<&DecodeCache>) ->
     };
     // Profiling times each kernel with events, which a graph replay would not show.
     if let Some(cache) = cache.filter(|_| graphs_enabled() && !profile::enabled()) {
-        let mut key = vec![dims.batch as u64, persistent_decode() as u64];
+        let mut key = vec![
+            dims.batch as u64,
+            persistent_decode() as u64,
+            decode_prefetch_lead()?,
+        ];
         for l in &m.layers {
             key.push(dptr(l.conv, DType::F32, "conv state")?);
             key.push(dptr(l.ssm, DType::F32, "ssm state")?);
@@ -1325,6 +1401,9 @@ fn enqueue_step(
         kernel!(&dev, "scan_step", first.params),
     );
     let null = 0u64;
+    // The weight-reading kernels' prefetches, in launch order (DecodeBuffers::weight_streams).
+    let mut prefetches = b.prefetch.iter().copied();
+    let mut next_prefetch = || prefetches.next().unwrap_or((0, 0));
     for l in &m.layers {
         let LayerPtrs {
             norm_w: nw,
@@ -1347,9 +1426,10 @@ fn enqueue_step(
         let eps = l.norm.eps;
         let vin = vec_ok(d_model, iw, eb) as i32;
         let (in_cfg, in_split) = matvec_cfg(2 * d_inner, batch, d_model, eb, max_blocks);
+        let (pf, npf) = next_prefetch();
         launch_step!(
             &dev, pdl, &mv_norm, in_cfg, &rp, &nw, &nb, &eps, &rr, &iw, &ib, &xzp, &b_, &dm_, &n2,
-            &vin, &convp, &cw, &cb, &xcp, &di_, &in_split
+            &vin, &convp, &cw, &cb, &xcp, &di_, &in_split, &pf, &npf
         );
         mark(
             "decode: norm+in_proj+conv",
@@ -1357,10 +1437,13 @@ fn enqueue_step(
         )?;
         let vx = vec_ok(d_inner, xpw, eb) as i32;
         let (x_cfg, x_split) = matvec_cfg(xw, batch, d_inner, eb, max_blocks);
+        let (pf, npf) = next_prefetch();
         launch_step!(
-            &dev, pdl, &mv_plain, x_cfg, &xcp, &xpw, &null, &dbcp, &b_, &di_, &xw_, &vx, &x_split
+            &dev, pdl, &mv_plain, x_cfg, &xcp, &xpw, &null, &dbcp, &b_, &di_, &xw_, &vx, &x_split,
+            &pf, &npf
         );
         mark("decode: x_proj", matvec_work(xw, d_inner, batch, eb))?;
+        let (pf, npf) = next_prefetch();
         launch_step!(
             &dev,
             pdl,
@@ -1379,15 +1462,19 @@ fn enqueue_step(
             &ssmp,
             &yp,
             &b_,
-            &di_
+            &di_,
+            &pf,
+            &npf
         );
         // dt_proj's rows, and the state read and written.
         let scan_bytes = d_inner * (dt_rank * eb + 2 * batch * l.params.a.dim(1)? * 4);
         mark("decode: dt_proj+scan", Work::bytes(scan_bytes as f64))?;
         let vo = vec_ok(d_inner, ow, eb) as i32;
         let (out_cfg, out_split) = matvec_cfg(d_model, batch, d_inner, eb, max_blocks);
+        let (pf, npf) = next_prefetch();
         launch_step!(
-            &dev, pdl, &mv_res, out_cfg, &yp, &rr, &ow, &ob, &rp, &b_, &di_, &dm_, &vo, &out_split
+            &dev, pdl, &mv_res, out_cfg, &yp, &rr, &ow, &ob, &rp, &b_, &di_, &dm_, &vo, &out_split,
+            &pf, &npf
         );
         mark(
             "decode: out_proj+residual",
@@ -1400,6 +1487,7 @@ fn enqueue_step(
     let (eps, v_) = (m.norm_f.eps, vocab as i32);
     let vh = vec_ok(d_model, hp, eb) as i32;
     let (head_cfg, head_split) = matvec_cfg(vocab, batch, d_model, eb, max_blocks);
+    let (pf, npf) = next_prefetch();
     launch_step!(
         &dev,
         pdl,
@@ -1417,7 +1505,9 @@ fn enqueue_step(
         &dm_,
         &v_,
         &vh,
-        &head_split
+        &head_split,
+        &pf,
+        &npf
     );
     mark(
         "decode: norm+lm_head",

@@ -196,6 +196,77 @@ pub fn decode_blocks(n: usize, split: usize, max_blocks: usize) -> usize {
     groups.div_ceil(groups.div_ceil(max_blocks))
 }
 
+/// MiB of weights the decode step's L2 prefetches run ahead of the matvecs that read them
+/// (`DECIMAMBA_DECODE_PREFETCH_MB` overrides it; 0: no prefetches).
+pub const DECODE_PREFETCH_MIB: f64 = 0.0;
+
+/// The L2 prefetches of a decode step: `ranges` holds (device address, bytes) pairs, and
+/// kernel k of the step prefetches `ranges[spans[k].0 .. spans[k].0 + spans[k].1]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodePrefetch {
+    pub ranges: Vec<(u64, u64)>,
+    pub spans: Vec<(usize, usize)>,
+}
+
+/// Which weights each kernel of a decode step prefetches into L2 so that the weight stream
+/// runs `lead` bytes ahead of the kernels that read it. `streams[k]` is the (address,
+/// bytes) of the weights kernel k reads, in launch order (bytes 0: none). The step repeats
+/// token after token, so the stream is a cycle: kernel k prefetches the bytes
+/// (E[k-1] + lead, E[k] + lead] of the cycle, E[k] being where its own weights end. Every
+/// byte is then prefetched once a step, `lead` bytes before it is read, and a kernel
+/// prefetches as much as it reads, paced by its own rounds of rows (cuda.kernels.cu:
+/// prefetch_part), so the L2 holds about `lead` bytes of weights not yet read. `lead` 0,
+/// or a step with no weights: no prefetches. Ranges are trimmed to 16-byte boundaries
+/// (the bulk prefetch's granularity).
+pub fn decode_prefetch(streams: &[(u64, u64)], lead: u64) -> DecodePrefetch {
+    let total: u64 = streams.iter().map(|s| s.1).sum();
+    let mut plan = DecodePrefetch::default();
+    if lead == 0 || total == 0 {
+        plan.spans = vec![(0, 0); streams.len()];
+        return plan;
+    }
+    let lead = lead.min(total);
+    // Where each stream starts in the cycle.
+    let starts: Vec<u64> = streams
+        .iter()
+        .scan(0, |at, s| {
+            let start = *at;
+            *at += s.1;
+            Some(start)
+        })
+        .collect();
+    // The pieces of streams that cover [from, to) of the cycle (to - from <= total).
+    let cover = |from: u64, to: u64, out: &mut Vec<(u64, u64)>| {
+        for lap in [0, total] {
+            for (s, &start) in streams.iter().zip(&starts) {
+                let (lo, hi) = ((start + lap).max(from), (start + lap + s.1).min(to));
+                if lo < hi {
+                    let a = (s.0 + (lo - start - lap)).next_multiple_of(16);
+                    let b = (s.0 + (hi - start - lap)) / 16 * 16;
+                    // Pieces under 1 GiB: the kernel counts a range's 16-byte units in 32 bits.
+                    let mut at = a;
+                    while at < b {
+                        let n = (b - at).min(1 << 30);
+                        out.push((at, n));
+                        at += n;
+                    }
+                }
+            }
+        }
+    };
+    let mut end = 0;
+    for s in streams {
+        let first = plan.ranges.len();
+        let from = end + lead;
+        end += s.1;
+        // The cycle's window, taken modulo its length.
+        let (from, to) = (from % total, from % total + s.1);
+        cover(from, to, &mut plan.ranges);
+        plan.spans.push((first, plan.ranges.len() - first));
+    }
+    plan
+}
+
 /// Whether rows of `k` elements of `elem_bytes` each, starting at device address `base`,
 /// can be read 16 bytes at a time.
 pub fn vec_ok(k: usize, base: u64, elem_bytes: usize) -> bool {
@@ -335,6 +406,60 @@ pub fn env_number<T: std::str::FromStr>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_prefetch_covers_every_weight_once_and_leads_by_the_lead() {
+        // Four kernels: 4,096 bytes at 0x10000, none, 1,600 at 0x20000, 800 at 0x30000; the
+        // cycle is 6,496 bytes.
+        let streams = [(0x10000, 4096), (0, 0), (0x20000, 1600), (0x30000, 800)];
+        assert_eq!(
+            decode_prefetch(&streams, 0),
+            DecodePrefetch {
+                ranges: vec![],
+                spans: vec![(0, 0); 4]
+            }
+        );
+        let plan = decode_prefetch(&streams, 1024);
+        let of = |k: usize| {
+            let (first, n) = plan.spans[k];
+            plan.ranges[first..first + n].to_vec()
+        };
+        // Kernel 0 reads cycle bytes [0, 4096) and prefetches [1024, 5120): its own later
+        // rows, then the third stream's first 1,024 bytes.
+        assert_eq!(of(0), vec![(0x10000 + 1024, 3072), (0x20000, 1024)]);
+        assert_eq!(of(1), vec![]);
+        // [5120, 6720): the rest of the third stream, the fourth, and past the cycle's end
+        // the next token's first 224 bytes.
+        assert_eq!(
+            of(2),
+            vec![(0x20000 + 1024, 576), (0x30000, 800), (0x10000, 224)]
+        );
+        // [6720, 7520) is [224, 1024) of the next token.
+        assert_eq!(of(3), vec![(0x10000 + 224, 800)]);
+        // Every byte once a step.
+        let mut ranges = plan.ranges.clone();
+        ranges.sort();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, n) in ranges {
+            match merged.last_mut() {
+                Some(last) if last.0 + last.1 == a => last.1 += n,
+                _ => merged.push((a, n)),
+            }
+        }
+        assert_eq!(
+            merged,
+            vec![(0x10000, 4096), (0x20000, 1600), (0x30000, 800)]
+        );
+        // A lead of the whole cycle or more: each kernel prefetches its own next token's.
+        let whole = decode_prefetch(&streams, 1 << 40);
+        assert_eq!(whole.ranges[whole.spans[2].0], (0x20000, 1600));
+        // Unaligned edges are trimmed inwards to 16 bytes.
+        let odd = decode_prefetch(&[(0x1000, 100), (0x2008, 100)], 50);
+        assert_eq!(
+            odd.ranges,
+            vec![(0x1040, 32), (0x2010, 32), (0x2040, 32), (0x1000, 48)]
+        );
+    }
 
     #[test]
     fn single_scan_tiles_match_the_kernel_and_fall_back_when_too_large() {

@@ -826,6 +826,14 @@ pub fn set_persistent_decode(on: Option<bool>) {
     cuda::set_persistent_decode(on);
 }
 
+/// Sets the lead of the decode step's L2 weight prefetches in MiB (`Some(0.0)`: none), or
+/// leaves it to `DECIMAMBA_DECODE_PREFETCH_MB` (`None`), for tests and benchmarks that
+/// compare leads in one process.
+#[cfg(feature = "cuda")]
+pub fn set_decode_prefetch_mib(mib: Option<f64>) {
+    cuda::set_decode_prefetch_mib(mib);
+}
+
 /// The keep rule's top-K choice made by the CUDA kernel the GPU prefill uses, for tests that
 /// hold it to [`select_by_scores`]: the `keep` highest of `scores[..candidates]`
 /// (ties to the earlier position), ascending, then `candidates..len`.

@@ -16,4 +16,4 @@ pub use mamba::{
     InferenceState, Interrupted, LayerTrace, LogitsSpan, MambaModel,
 };
 #[cfg(feature = "cuda")]
-pub use mamba::{select_top_k_on_device, set_persistent_decode};
+pub use mamba::{select_top_k_on_device, set_decode_prefetch_mib, set_persistent_decode};
