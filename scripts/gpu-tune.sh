@@ -142,7 +142,8 @@ if [[ ${TUNE_SET:-all} == scan ]]; then
     exit $status
 fi
 # TUNE_SET=prefetch: decode with the weights prefetched into L2 ahead of the matvecs, at
-# each lead in TUNE_PREFETCH (MiB; 0: none), then at TUNE_PREFETCH_FLAGS_AT MiB under each
+# each lead in TUNE_PREFETCH (MiB; 0: none), then at TUNE_PREFETCH_FLAGS_AT MiB with each
+# window floor in TUNE_PREFETCH_FLOORS (MiB) and under each
 # ';'-separated set of defines in TUNE_PREFETCH_FLAGS (e.g. -DL2_PREFETCH_LINES=1), for the
 # shapes in TUNE_SHAPES (run the tests with TUNE_TEST_ENV=DECIMAMBA_DECODE_PREFETCH_MB=24
 # first).
@@ -152,9 +153,14 @@ if [[ ${TUNE_SET:-all} == prefetch ]]; then
         for mib in ${TUNE_PREFETCH:-0 8 16 24 32 48}; do
             one "$shape-prefetch-$mib" 150 DECIMAMBA_DECODE_PREFETCH_MB=$mib -- $D
         done
+        at=${TUNE_PREFETCH_FLAGS_AT:-24}
+        # TUNE_PREFETCH_FLOORS: window floors (MiB) at that lead.
+        for floor in ${TUNE_PREFETCH_FLOORS:-}; do
+            one "$shape-prefetch-$at-floor$floor" 150 DECIMAMBA_DECODE_PREFETCH_MB=$at \
+                DECIMAMBA_DECODE_PREFETCH_FLOOR_MB=$floor -- $D
+        done
         IFS=';' read -ra flag_sets <<<"${TUNE_PREFETCH_FLAGS:-}"
         for flags in "${flag_sets[@]}"; do
-            at=${TUNE_PREFETCH_FLAGS_AT:-24}
             one "$shape-prefetch-$at${flags//[^A-Za-z0-9_]/}" 150 DECIMAMBA_DECODE_PREFETCH_MB=$at \
                 "DECIMAMBA_NVRTC_FLAGS=$flags" -- $D
         done

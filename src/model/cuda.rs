@@ -24,7 +24,8 @@
 use super::super::gpu_plan::{
     conv_tile, decode_blocks, decode_fits, decode_prefetch, decode_split, env_number,
     persistent_blocks, scan_chunks, scan_chunks_for, vec_ok, ScanKind, SingleScan, Work,
-    DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS, DECODE_PREFETCH_MIB, MAX_DECODE_BATCH,
+    DECODE_BLOCKS_PER_SM, DECODE_BLOCK_WARPS, DECODE_PREFETCH_FLOOR_MIB, DECODE_PREFETCH_MIB,
+    MAX_DECODE_BATCH,
 };
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -301,10 +302,24 @@ fn decode_prefetch_lead() -> Result<u64> {
         0 => {}
         set => return Ok(set - 1),
     }
-    LEAD.get_or_init(|| {
-        let name = "DECIMAMBA_DECODE_PREFETCH_MB";
-        let mib = env_number::<f64>(name, std::env::var(name).ok().as_deref())?
-            .unwrap_or(DECODE_PREFETCH_MIB);
+    env_mib(&LEAD, "DECIMAMBA_DECODE_PREFETCH_MB", DECODE_PREFETCH_MIB)
+}
+
+/// The decode prefetch windows' floor in bytes (gpu_plan::decode_prefetch):
+/// `DECIMAMBA_DECODE_PREFETCH_FLOOR_MB` MiB (default gpu_plan::DECODE_PREFETCH_FLOOR_MIB).
+fn decode_prefetch_floor() -> Result<u64> {
+    static FLOOR: OnceLock<Result<u64, String>> = OnceLock::new();
+    env_mib(
+        &FLOOR,
+        "DECIMAMBA_DECODE_PREFETCH_FLOOR_MB",
+        DECODE_PREFETCH_FLOOR_MIB,
+    )
+}
+
+/// A size in MiB from the environment variable `name` (else `default`), in bytes, read once.
+fn env_mib(cell: &OnceLock<Result<u64, String>>, name: &str, default: f64) -> Result<u64> {
+    cell.get_or_init(|| {
+        let mib = env_number::<f64>(name, std::env::var(name).ok().as_deref())?.unwrap_or(default);
         if !(mib.is_finite() && mib >= 0.0) {
             return Err(format!("{name}={mib} must be a size in MiB, 0 or more"));
         }
@@ -1012,7 +1027,8 @@ impl DecodeBuffers {
         }
         let layer_table = dev.cuda_stream().clone_htod(&table)?;
         let barrier = dev.cuda_stream().alloc_zeros::<u32>(1)?;
-        let plan = decode_prefetch(&Self::weight_streams(m, d)?, decode_prefetch_lead()?);
+        let (lead, floor) = (decode_prefetch_lead()?, decode_prefetch_floor()?);
+        let plan = decode_prefetch(&Self::weight_streams(m, d)?, lead, floor);
         let mut pairs: Vec<u64> = plan.ranges.iter().flat_map(|&(a, n)| [a, n]).collect();
         if pairs.is_empty() {
             pairs.resize(2, 0);

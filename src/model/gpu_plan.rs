@@ -199,6 +199,9 @@ pub fn decode_blocks(n: usize, split: usize, max_blocks: usize) -> usize {
 /// MiB of weights the decode step's L2 prefetches run ahead of the matvecs that read them
 /// (`DECIMAMBA_DECODE_PREFETCH_MB` overrides it; 0: no prefetches).
 pub const DECODE_PREFETCH_MIB: f64 = 0.0;
+/// The least MiB a weight-reading decode kernel's prefetch window is weighed at
+/// (`DECIMAMBA_DECODE_PREFETCH_FLOOR_MB`; see [`decode_prefetch`]).
+pub const DECODE_PREFETCH_FLOOR_MIB: f64 = 0.0;
 
 /// The L2 prefetches of a decode step: `ranges` holds (device address, bytes) pairs, and
 /// kernel k of the step prefetches `ranges[spans[k].0 .. spans[k].0 + spans[k].1]`.
@@ -209,16 +212,20 @@ pub struct DecodePrefetch {
 }
 
 /// Which weights each kernel of a decode step prefetches into L2 so that the weight stream
-/// runs `lead` bytes ahead of the kernels that read it. `streams[k]` is the (address,
-/// bytes) of the weights kernel k reads, in launch order (bytes 0: none). The step repeats
-/// token after token, so the stream is a cycle: kernel k prefetches the bytes
-/// (E[k-1] + lead, E[k] + lead] of the cycle, E[k] being where its own weights end. Every
-/// byte is then prefetched once a step, `lead` bytes before it is read, and a kernel
-/// prefetches as much as it reads, paced by its own rounds of rows (cuda.kernels.cu:
-/// prefetch_part), so the L2 holds about `lead` bytes of weights not yet read. `lead` 0,
-/// or a step with no weights: no prefetches. Ranges are trimmed to 16-byte boundaries
-/// (the bulk prefetch's granularity).
-pub fn decode_prefetch(streams: &[(u64, u64)], lead: u64) -> DecodePrefetch {
+/// runs about `lead` bytes ahead of the kernels that read it. `streams[k]` is the
+/// (address, bytes) of the weights kernel k reads, in launch order (bytes 0: none). The
+/// step repeats token after token, so the stream is a cycle of T bytes, and the kernels'
+/// windows tile it, shifted by `lead`: kernel k prefetches [lead + C[k-1], lead + C[k]) of
+/// the cycle, where C[k] adds up the windows' sizes so far. A window's size is T·w[k]/Σw,
+/// with w[k] = max(bytes of kernel k, `floor`) for a kernel that reads weights (0 for one
+/// that does not): `floor` 0 gives each kernel a window of its own size, so the L2 holds
+/// about `lead` bytes not yet read; a `floor` near what HBM streams in a latency-bound
+/// kernel's time gives the small kernels (x_proj, the scan step) more to prefetch and the
+/// large matvecs less, so HBM keeps busy while the small ones run. Every byte is
+/// prefetched once a step. The kernels issue their window in parts paced by their rounds of
+/// rows (cuda.kernels.cu: prefetch_part). `lead` 0, or a step with no weights: no
+/// prefetches. Ranges are trimmed to 16-byte boundaries (the bulk prefetch's granularity).
+pub fn decode_prefetch(streams: &[(u64, u64)], lead: u64, floor: u64) -> DecodePrefetch {
     let total: u64 = streams.iter().map(|s| s.1).sum();
     let mut plan = DecodePrefetch::default();
     if lead == 0 || total == 0 {
@@ -254,14 +261,19 @@ pub fn decode_prefetch(streams: &[(u64, u64)], lead: u64) -> DecodePrefetch {
             }
         }
     };
-    let mut end = 0;
+    let weight = |bytes: u64| if bytes == 0 { 0 } else { bytes.max(floor) };
+    let weights: u128 = streams.iter().map(|s| weight(s.1) as u128).sum();
+    // C[k] = T·(w[0] + … + w[k])/Σw, exact at the end (C = T).
+    let mut sum = 0u128;
+    let mut done = 0u64;
     for s in streams {
         let first = plan.ranges.len();
-        let from = end + lead;
-        end += s.1;
+        sum += weight(s.1) as u128;
+        let upto = (total as u128 * sum / weights) as u64;
         // The cycle's window, taken modulo its length.
-        let (from, to) = (from % total, from % total + s.1);
-        cover(from, to, &mut plan.ranges);
+        let from = (lead + done) % total;
+        cover(from, from + (upto - done), &mut plan.ranges);
+        done = upto;
         plan.spans.push((first, plan.ranges.len() - first));
     }
     plan
@@ -413,13 +425,13 @@ mod tests {
         // cycle is 6,496 bytes.
         let streams = [(0x10000, 4096), (0, 0), (0x20000, 1600), (0x30000, 800)];
         assert_eq!(
-            decode_prefetch(&streams, 0),
+            decode_prefetch(&streams, 0, 0),
             DecodePrefetch {
                 ranges: vec![],
                 spans: vec![(0, 0); 4]
             }
         );
-        let plan = decode_prefetch(&streams, 1024);
+        let plan = decode_prefetch(&streams, 1024, 0);
         let of = |k: usize| {
             let (first, n) = plan.spans[k];
             plan.ranges[first..first + n].to_vec()
@@ -451,13 +463,29 @@ mod tests {
             vec![(0x10000, 4096), (0x20000, 1600), (0x30000, 800)]
         );
         // A lead of the whole cycle or more: each kernel prefetches its own next token's.
-        let whole = decode_prefetch(&streams, 1 << 40);
+        let whole = decode_prefetch(&streams, 1 << 40, 0);
         assert_eq!(whole.ranges[whole.spans[2].0], (0x20000, 1600));
         // Unaligned edges are trimmed inwards to 16 bytes.
-        let odd = decode_prefetch(&[(0x1000, 100), (0x2008, 100)], 50);
+        let odd = decode_prefetch(&[(0x1000, 100), (0x2008, 100)], 50, 0);
         assert_eq!(
             odd.ranges,
             vec![(0x1040, 32), (0x2010, 32), (0x2040, 32), (0x1000, 48)]
+        );
+        // A floor of 1,600 bytes: the windows weigh 4,096, 0, 1,600 and 1,600 of 7,296, so
+        // the 6,496-byte cycle splits at 3,646, 3,646, 5,071 and 6,496, from the lead on;
+        // the windows' inner edges are trimmed to 16 bytes.
+        let floored = decode_prefetch(&streams, 1024, 1600);
+        assert_eq!(floored.spans, vec![(0, 2), (2, 0), (2, 2), (4, 2)]);
+        assert_eq!(
+            floored.ranges,
+            vec![
+                (0x10000 + 1024, 3072),
+                (0x20000, 560),
+                (0x20000 + 576, 1024),
+                (0x30000, 384),
+                (0x30000 + 400, 400),
+                (0x10000, 1024),
+            ]
         );
     }
 
