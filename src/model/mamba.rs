@@ -1106,6 +1106,26 @@ impl MambaModel {
         if let Some(policy) = opts.policy {
             policy.check(&self.config)?;
         }
+        // On the CPU the forward runs on a thread of rayon's pool. A decode step makes about
+        // 4·n_layer parallel calls, and each call made from outside the pool hands its job
+        // over and sleeps until a worker wakes it: two futex round trips a call, with one
+        // thread more than there are cores. 130m decode on 2 threads, alternated runs:
+        // f32 43.7 → 48.8 tokens/s, bf16 62 → 86 (medians). An observer need not be
+        // `Sync`, so a forward with one stays on the caller's thread.
+        if self.device.is_cpu() && opts.observer.is_none() {
+            let (policy, protected_tail) = (opts.policy, opts.protected_tail);
+            let (logits, record_indices) = (opts.logits, opts.record_indices);
+            return on_pool(|| {
+                let opts = ForwardOptions {
+                    policy,
+                    protected_tail,
+                    logits,
+                    record_indices,
+                    observer: None,
+                };
+                self.forward_planned(ids, state, &opts, None)
+            });
+        }
         self.forward_planned(ids, state, opts, None)
     }
 
@@ -1586,4 +1606,12 @@ impl MambaModel {
     pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
         Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?)
     }
+}
+
+/// Runs `f` on a thread of rayon's global pool (directly when already on one), so that
+/// the parallel loops inside it start without handing each job across threads.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope ran its closure")
 }
