@@ -68,6 +68,30 @@ fn prefill_then_step(
         .collect()
 }
 
+/// `batch` rows of 40 token ids spread over the vocabulary, a different row per sequence.
+fn spread_rows(batch: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| {
+            (0..40)
+                .map(|i| ((i * 7919 + 13 * b + 1) % 50_000) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Asserts that two runs of decode steps gave the same logits, bit for bit.
+fn assert_same_bits(what: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(x) == bits(y),
+            "{what}: step {i} differs by {}",
+            max_diff(x, y)
+        );
+    }
+}
+
 const FIXTURES: &[(&str, &str)] = &[
     ("tiny-rms-hf", "tiny-rms.logits.json"),
     ("tiny-rms-orig", "tiny-rms.logits.json"),
@@ -213,42 +237,25 @@ fn decode_prefetch_leaves_the_logits_bit_identical() {
         decimamba::model::set_decode_prefetch_mib(None);
         out
     };
-    let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
-        v.iter()
-            .map(|r| r.iter().map(|f| f.to_bits()).collect())
-            .collect()
-    };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for (dir, fixture) in DECODE_FIXTURES {
             let model = load(dir, &gpu, dtype);
             let ids = ids_of(&json(fixture)["input_ids"]);
-            let base = bits(&run(&model, &ids, 4, 6, 0.0));
+            let base = run(&model, &ids, 4, 6, 0.0);
             for mib in [0.001, 0.05, 64.0] {
-                let got = bits(&run(&model, &ids, 4, 6, mib));
-                assert!(
-                    got == base,
-                    "{dir} {dtype:?}: lead {mib} MiB changes the logits"
-                );
+                let got = run(&model, &ids, 4, 6, mib);
+                assert_same_bits(&format!("{dir} {dtype:?}, lead {mib} MiB"), &got, &base);
             }
         }
     }
     let cfg = MambaConfig::of_shape("130m").unwrap();
     let model = random_model(&cfg, DType::BF16, &gpu, 0).unwrap();
     for batch in [1usize, 3] {
-        let rows: Vec<Vec<u32>> = (0..batch)
-            .map(|b| {
-                (0..40)
-                    .map(|i| ((i * 7919 + 13 * b + 1) % 50_000) as u32)
-                    .collect()
-            })
-            .collect();
-        let base = bits(&run(&model, &rows, 24, 16, 0.0));
+        let rows = spread_rows(batch);
+        let base = run(&model, &rows, 24, 16, 0.0);
         for mib in [3.0, 24.0, 1024.0] {
-            let got = bits(&run(&model, &rows, 24, 16, mib));
-            assert!(
-                got == base,
-                "130m batch {batch}: lead {mib} MiB changes the logits"
-            );
+            let got = run(&model, &rows, 24, 16, mib);
+            assert_same_bits(&format!("130m batch {batch}, lead {mib} MiB"), &got, &base);
         }
     }
 }
@@ -265,16 +272,6 @@ fn persistent_decode_is_bit_identical_to_the_per_stage_kernels() {
         decimamba::model::set_persistent_decode(None);
         out
     };
-    let same = |what: &str, a: &[Vec<f32>], b: &[Vec<f32>]| {
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert!(
-                bits(x) == bits(y),
-                "{what}: step {i} differs by {}",
-                max_diff(x, y)
-            );
-        }
-    };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for (dir, fixture) in DECODE_FIXTURES {
             let model = load(dir, &gpu, dtype);
@@ -283,25 +280,19 @@ fn persistent_decode_is_bit_identical_to_the_per_stage_kernels() {
                 run(&model, &ids, 4, 6, true),
                 run(&model, &ids, 4, 6, false),
             );
-            same(&format!("{dir} {dtype:?}"), &a, &b);
+            assert_same_bits(&format!("{dir} {dtype:?}"), &a, &b);
         }
     }
     let cfg = MambaConfig::of_shape("130m").unwrap();
     for dtype in [DType::BF16, DType::F32] {
         let model = random_model(&cfg, dtype, &gpu, 0).unwrap();
         for batch in [1usize, 3] {
-            let rows: Vec<Vec<u32>> = (0..batch)
-                .map(|b| {
-                    (0..40)
-                        .map(|i| ((i * 7919 + 13 * b + 1) % 50_000) as u32)
-                        .collect()
-                })
-                .collect();
+            let rows = spread_rows(batch);
             let (a, b) = (
                 run(&model, &rows, 24, 16, true),
                 run(&model, &rows, 24, 16, false),
             );
-            same(&format!("130m {dtype:?} batch {batch}"), &a, &b);
+            assert_same_bits(&format!("130m {dtype:?} batch {batch}"), &a, &b);
         }
     }
 }
