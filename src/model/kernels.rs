@@ -631,9 +631,17 @@ f16_matvec_rows!(
 /// lanes summed by halving, then the two added.
 #[inline(always)]
 fn finish_lanes(lanes: &mut [f32; MATVEC_LANES], xr: &[f32], wr: &[half::f16], tail: usize) -> f32 {
+    // The tail's weights widened in one slice call (F16C, 8 at a time) and then summed in
+    // order: `half`'s per-element conversion is a call through a run-time feature check,
+    // and a row shorter than MATVEC_LANES (dt_proj: dt_rank of 48 at 130m) is all tail.
+    // The conversion is exact, so the sum is the same bits.
+    use half::slice::HalfFloatSliceExt;
+    let mut widened = [0f32; MATVEC_LANES];
+    let n = xr.len() - tail;
+    wr[tail..].convert_to_f32_slice(&mut widened[..n]);
     let mut sum = 0f32;
-    for j in tail..xr.len() {
-        sum += xr[j] * wr[j].widen();
+    for (x, w) in xr[tail..].iter().zip(&widened[..n]) {
+        sum += x * w;
     }
     let mut half = MATVEC_LANES / 2;
     while half > 0 {
@@ -758,8 +766,15 @@ mod tests {
 
     #[test]
     fn f16_matvec_matches_the_generic_code_bit_for_bit() {
-        // k = 200: three 64-lane chunks and a tail; subnormal and large f16 values too.
-        let (m, n, k) = (3, 70, 200);
+        // k = 200: three 64-lane chunks and a tail; k = 48 (dt_proj's rows at 130m): all
+        // tail; subnormal and large f16 values too.
+        for k in [200, 48] {
+            f16_matvec_case(k);
+        }
+    }
+
+    fn f16_matvec_case(k: usize) {
+        let (m, n) = (3, 70);
         let x = pseudo(25, m * k, -1.0, 1.0);
         let mut wf = pseudo(26, n * k, -2.0, 2.0);
         for (i, v) in wf.iter_mut().enumerate().step_by(17) {
