@@ -416,8 +416,23 @@ __device__ __forceinline__ void load_row(float* dst, const float* row) {
     }
 }
 
-// Grid: (channel blocks, chunks, batch). OUT = false: the summary pass (S, T);
-// OUT = true: the output pass from hin (strides hin_c/hin_g/hin_n), writing y and h1.
+// A scan channel's constants: dt_proj's bias, the skip D, and the plan's Δ scale and
+// filter threshold (the neutral values stand for a channel past D).
+struct ChannelConsts {
+    float bias = 0.0f, dskip = 0.0f, scale = 1.0f, thresh = 0.0f;
+};
+__device__ __forceinline__ ChannelConsts channel_consts(int d, const float* __restrict__ dt_bias,
+                                                        const float* __restrict__ Dskip,
+                                                        const float* __restrict__ dscale,
+                                                        const float* __restrict__ dthresh) {
+    ChannelConsts c;
+    c.bias = dt_bias[d];
+    c.dskip = Dskip[d];
+    c.scale = dscale[d];
+    c.thresh = dthresh[d];
+    return c;
+}
+
 template <bool OUT>
 __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c, i64 hin_g,
                           i64 hin_n, float* __restrict__ S, float* __restrict__ T,
@@ -429,12 +444,9 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
     const bool active = d < D;
     const i64 G = (i64)B * D, g = (i64)b * D + d;
     float a2[NSTATE], h[NSTATE];
-    float bias = 0.0f, dskip = 0.0f, scale = 1.0f, thresh = 0.0f;
+    ChannelConsts ch;
     if (active) {
-        bias = dt_bias[d];
-        dskip = Dskip[d];
-        scale = dscale[d];
-        thresh = dthresh[d];
+        ch = channel_consts(d, dt_bias, Dskip, dscale, dthresh);
 #pragma unroll
         for (int n = 0; n < NSTATE; ++n) {
             a2[n] = A[(i64)d * NSTATE + n] * LOG2E;
@@ -481,7 +493,7 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
         for (int k = 0; k < nt; ++k) {
             const int t = tt + k;
             const i64 r = ((i64)b * L + t) * D + d;
-            const float delta = planned_delta(ld(dt[r]), bias, scale, thresh);
+            const float delta = planned_delta(ld(dt[r]), ch.bias, ch.scale, ch.thresh);
             const float xv = ld(x[r]);
             const float dx = delta * xv;
             float bk[NSTATE];
@@ -496,7 +508,7 @@ __device__ void scan_body(SCAN_PARAMS, const float* __restrict__ hin, i64 hin_c,
                     acc += h[n] * ck[n];
                 }
                 const float zv = ld(z[b * z_bs + (i64)t * z_rs + d]);
-                y[r] = st((acc + dskip * xv) * __fdividef(zv, 1.0f + __expf(-zv)));
+                y[r] = st((acc + ch.dskip * xv) * __fdividef(zv, 1.0f + __expf(-zv)));
             } else {
 #pragma unroll
                 for (int n = 0; n < NSTATE; ++n) h[n] = scan_decay(n, delta * a2[n]) * h[n] + dx * bk[n];
@@ -656,13 +668,8 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
     // The channel this thread stages (blockDim.x is a multiple of SS_CHANNELS).
     const int sc = threadIdx.x % SS_CHANNELS, sd = d0 + sc;
     const bool s_active = sd < D;
-    float bias = 0.0f, scale = 1.0f, thresh = 0.0f, dskip = 0.0f;
-    if (s_active) {
-        bias = dt_bias[sd];
-        scale = dscale[sd];
-        thresh = dthresh[sd];
-        dskip = Dskip[sd];
-    }
+    ChannelConsts ch;
+    if (s_active) ch = channel_consts(sd, dt_bias, Dskip, dscale, dthresh);
     const elem* bcb = bc + b * bc_bs;
     const int base = w * SS_CH_STRIDE + lane * SS_ROW;
     for (int t0 = 0; t0 < L; t0 += SS_WINDOW) {
@@ -708,7 +715,7 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
             for (int u = 0; u < SS_PER_THREAD; ++u) {
                 const int j = (u * SS_THREADS + threadIdx.x) / SS_CHANNELS;
                 const bool in = j < nt && s_active;
-                sDelta[sc * SS_CH_STRIDE + SS_AT(j)] = in ? planned_delta(dv[u], bias, scale, thresh) : 0.0f;
+                sDelta[sc * SS_CH_STRIDE + SS_AT(j)] = in ? planned_delta(dv[u], ch.bias, ch.scale, ch.thresh) : 0.0f;
                 sX[sc * SS_CH_STRIDE + SS_AT(j)] = xv[u];
             }
         }
@@ -776,7 +783,7 @@ extern "C" __global__ void __launch_bounds__(SS_THREADS)
             if (j < nt && s_active) {
                 const int o = sc * SS_CH_STRIDE + SS_AT(j);
                 y[((i64)b * L + t0 + j) * D + sd] =
-                    st((sDelta[o] + dskip * sX[o]) * __fdividef(zv[u], 1.0f + __expf(-zv[u])));
+                    st((sDelta[o] + ch.dskip * sX[o]) * __fdividef(zv[u], 1.0f + __expf(-zv[u])));
             }
         }
     }
