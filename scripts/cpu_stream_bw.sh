@@ -8,6 +8,10 @@
 set -euo pipefail
 threads=${1:-2}
 mib=${2:-520}
+for v in "$threads" "$mib"; do
+    [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "cpu_stream_bw.sh: THREADS and MIB must be positive integers, got '$v'" >&2; exit 2; }
+done
+command -v gcc >/dev/null || { echo "cpu_stream_bw.sh: needs gcc (with OpenMP)" >&2; exit 2; }
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cat >"$dir/bw.c" <<'C'
@@ -17,7 +21,10 @@ cat >"$dir/bw.c" <<'C'
 int main(int argc, char** argv) {
     size_t bytes = (size_t)atol(argv[1]) << 20, n = bytes / sizeof(float);
     float* a = aligned_alloc(64, bytes);
-    if (!a) return 1;
+    if (!a) {
+        fprintf(stderr, "cpu_stream_bw.sh: cannot allocate %zu bytes\n", bytes);
+        return 1;
+    }
     for (size_t i = 0; i < n; i++) a[i] = 1.0f;
     for (int pass = 0; pass < 5; pass++) {
         struct timespec t0, t1;
